@@ -1,0 +1,47 @@
+"""The PyTorch backend: runs a project checkpoint's modules directly; the oracle for every faster path.
+
+Importing this module needs torch (the ``train`` extra); ``backends.load_backend`` turns its absence
+into a clear message.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from taming_deploy.spec import ModelSpec
+from training.checkpoint import load_model
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, checkpoint_dir: Path, device: str = "cpu"):
+        self.model = load_model(Path(checkpoint_dir), device=device)
+        self.spec: ModelSpec = self.model.config.spec()
+        self.device = device
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    @torch.no_grad()
+    def condition_tokens(self, condition: np.ndarray) -> np.ndarray:
+        return self.model.cond_stage_model.condition_tokens(self._tensor(condition)).cpu().numpy()
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return self.model.first_stage_model.encode(self._tensor(images)).indices.cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        return self.model.first_stage_model.decode_indices(self._tensor(tokens)).cpu().numpy()
+
+    def new_cache(self, batch: int) -> dict[str, torch.Tensor]:
+        return {"kv": self.model.transformer.new_cache(batch)}
+
+    @torch.no_grad()
+    def transformer_step(self, tokens: np.ndarray, position: int, cache: dict[str, torch.Tensor]) -> np.ndarray:
+        position_t = torch.tensor(position, dtype=torch.long, device=self.device)
+        logits, cache["kv"] = self.model.transformer(self._tensor(tokens), cache["kv"], position_t, last_only=True)
+        return logits.float().cpu().numpy()

@@ -1,0 +1,163 @@
+"""The ``taming-deploy`` command line. Each command is a thin layer over a library function.
+
+User mistakes (bad files, sizes, options) end in one line on stderr and exit code 2; torch, onnx and
+TensorRT are imported only by the commands that need them.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+
+from taming_deploy.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, export and run Taming Transformers (VQGAN + GPT) models.",
+)
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def user_errors_exit(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn UserError into a one-line message and a non-zero exit, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'WxH' -> (W, H)."""
+    if text is None:
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size must look like 512x256 (width x height), got {text!r}") from None
+    if width < 1 or height < 1:
+        raise UserError(f"--size must be positive, got {text!r}")
+    return width, height
+
+
+@app.command("import-taming")
+@user_errors_exit
+def import_taming_command(
+    ckpt: Annotated[Path, typer.Argument(help="Original Lightning checkpoint (.ckpt)")],
+    config: Annotated[Path, typer.Option("--config", help="Its project.yaml")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the taming-deploy checkpoint")],
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (can run code from the file)")
+    ] = False,
+) -> None:
+    """Convert a checkpoint of the original Taming Transformers into this project's format."""
+    try:
+        from training.import_taming import import_taming
+    except ImportError:
+        raise UserError("import-taming needs PyTorch: pip install 'taming-deploy[train]'") from None
+    cfg = import_taming(ckpt, config, out, trust_pickle=trust_pickle)
+    stages = [name for name in ("first_stage", "condition", "transformer") if getattr(cfg, name) is not None]
+    typer.echo(f"wrote {out} ({', '.join(stages)})")
+
+
+@app.command()
+@user_errors_exit
+def generate(
+    cond: Annotated[Optional[Path], typer.Option(help="Condition map: label PNG (class ids or palette colours) or depth")] = None,
+    class_id: Annotated[Optional[int], typer.Option(help="Class id, for class-conditional models")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Bundle or checkpoint directory [default: the embedded model]")] = None,
+    backend: Annotated[str, typer.Option(help="auto, torch, ort or trt")] = "auto",
+    out: Annotated[Path, typer.Option(help="Output PNG (numbered when -n > 1, unless --grid)")] = Path("out.png"),
+    size: Annotated[Optional[str], typer.Option(help="Output size WxH in pixels (resizes the condition)")] = None,
+    n: Annotated[int, typer.Option("-n", help="Images to sample in one batch")] = 1,
+    grid: Annotated[bool, typer.Option(help="With -n > 1, write one grid image")] = False,
+    mode: Annotated[str, typer.Option(help="exact (the original's windows) or fast (one window per stride)")] = "exact",
+    window_stride: Annotated[int, typer.Option(help="Fast mode: tokens per window placement")] = 8,
+    greedy: Annotated[bool, typer.Option(help="Take the most likely token (deterministic)")] = False,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all)")] = 100,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass")] = None,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed: same seed, model and backend give the same image")] = None,
+    save_tokens: Annotated[Optional[Path], typer.Option(help="Save the sampled token grid (.npy)")] = None,
+    stats: Annotated[Optional[Path], typer.Option(help="Write timing and call counts (.json)")] = None,
+) -> None:
+    """Generate images from a condition by sliding-window sampling."""
+    from taming_deploy.fileutil import atomic_file
+    from taming_deploy.images import grid as make_grid
+    from taming_deploy.pipeline import Pipeline
+    from taming_deploy.progress import progress_bar
+
+    if mode not in ("exact", "fast"):
+        raise UserError(f"--mode must be exact or fast, got {mode!r}")
+    if backend not in ("auto", "torch", "ort", "trt"):
+        raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
+    if cond is not None and class_id is not None:
+        raise UserError("pass either --cond or --class-id, not both")
+    pipeline = Pipeline.load(model, backend)  # type: ignore[arg-type]
+    if backend == "auto":
+        typer.echo(f"backend: {pipeline.backend.name}", err=True)
+    condition = cond if cond is not None else class_id
+    with progress_bar("sampling", "tok") as update:
+        result = pipeline.generate(
+            condition,
+            n=n,
+            size=parse_size(size),
+            seed=seed,
+            mode=mode,  # type: ignore[arg-type]
+            window_stride=window_stride,
+            greedy=greedy,
+            top_k=top_k or None,
+            top_p=top_p,
+            temperature=temperature,
+            on_token=update,
+        )
+    written = []
+    if n == 1 or grid:
+        image = result.images[0] if n == 1 else make_grid(result.images)
+        targets = [(out, image)]
+    else:
+        targets = [(out.with_name(f"{out.stem}_{k:03d}{out.suffix}"), im) for k, im in enumerate(result.images)]
+    for path, image in targets:
+        with atomic_file(path) as tmp:
+            image.save(tmp, format="PNG")
+        written.append(str(path))
+    if save_tokens is not None:
+        with atomic_file(save_tokens) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, result.tokens[0] if n == 1 else result.tokens)
+    if stats is not None:
+        with atomic_file(stats) as tmp:
+            tmp.write_text(json.dumps(result.stats, indent=2))
+    s = result.stats
+    typer.echo(
+        f"wrote {', '.join(written)}: {s['tokens']} tokens in {s['sample_seconds']:.2f} s "
+        f"({s['prefills']} prefills, {s['steps']} steps), decode {s['decode_seconds']:.2f} s",
+        err=True,
+    )
+
+
+def main() -> None:
+    app(prog_name="taming-deploy")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Reading a user's condition (label map, depth map, class id) into what a condition encoder takes.
+
+Label maps are 8-bit PNGs of class ids (mode L, or P whose indices are the ids); an RGB image is
+accepted only when the model has a palette and every pixel is exactly one of its colours.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from taming_deploy.errors import UserError
+from taming_deploy.spec import ConditionSpec
+
+LABEL_MODES = ("L", "P", "I", "I;16")  # I: 2-D integer arrays handed to the Python API
+
+
+def open_image(path: Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so a truncated file fails here and not halfway through sampling
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: cannot decode image ({exc}); is the file truncated or corrupt?") from None
+    return image
+
+
+def labels_from_palette_colours(rgb: np.ndarray, palette: tuple[tuple[int, int, int], ...], source: str) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) ids, when every pixel is exactly a palette colour."""
+    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    palette_codes = np.array([(r << 16) | (g << 8) | b for r, g, b in palette], dtype=np.int64)
+    order = np.argsort(palette_codes)
+    found = np.searchsorted(palette_codes[order], codes).clip(0, len(order) - 1)
+    exact = palette_codes[order][found] == codes
+    if not exact.all():
+        bad = np.unique(codes[~exact])
+        shown = ", ".join(f"#{c:06x}" for c in bad[:8]) + (f" ... ({len(bad)} colours)" if len(bad) > 8 else "")
+        raise UserError(
+            f"{source}: {int((~exact).sum())} pixels have colours that are not in the model's palette ({shown}); "
+            "draw with the palette's exact colours (no anti-aliasing) or pass an 8-bit class-id map"
+        )
+    return order[found]
+
+
+def label_ids(image: Image.Image, spec: ConditionSpec, source: str) -> np.ndarray:
+    if image.mode in LABEL_MODES:
+        ids = np.asarray(image).astype(np.int64)
+    elif image.mode in ("RGB", "RGBA") and spec.palette is not None:
+        rgb = np.asarray(image.convert("RGB"))
+        ids = labels_from_palette_colours(rgb, spec.palette, source)
+    else:
+        hint = "" if spec.palette is None else " or an RGB image in the model's palette"
+        raise UserError(
+            f"{source}: expected a label map (8-bit class ids, PNG mode L or P{hint}), got a mode {image.mode} image"
+        )
+    for src, dst in spec.label_remap.items():
+        ids[ids == src] = dst
+    return ids
+
+
+def check_label_range(ids: np.ndarray, spec: ConditionSpec, source: str) -> None:
+    n = spec.n_labels
+    assert n is not None
+    bad = np.unique(ids[(ids < 0) | (ids >= n)])
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
+        hint = " (255 usually means 'unlabeled'; this model was not trained with it)" if 255 in bad else ""
+        raise UserError(f"{source}: label ids {shown} are out of range; this model knows ids 0..{n - 1}{hint}")
+
+
+ImageSource = Path | str | Image.Image | np.ndarray
+
+
+def as_image(source: ImageSource) -> tuple[Image.Image, str]:
+    """A path, PIL image or 2-D array -> (PIL image, name for messages)."""
+    if isinstance(source, Image.Image):
+        return source, "condition image"
+    if isinstance(source, np.ndarray):
+        if source.ndim != 2:
+            raise UserError(f"condition array: expected a 2-D (H, W) array, got shape {source.shape}")
+        array = source.astype(np.int32) if np.issubdtype(source.dtype, np.integer) else source.astype(np.float32)
+        return Image.fromarray(array), "condition array"
+    return open_image(Path(source)), str(source)
+
+
+def read_label_map(source: ImageSource, spec: ConditionSpec) -> np.ndarray:
+    """A label map -> (H, W) int64 class ids, checked against the model's label range."""
+    image, name = as_image(source)
+    ids = label_ids(image, spec, name)
+    check_label_range(ids, spec, name)
+    return ids
+
+
+def resize_labels(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of (H, W) ids to ``size`` = (width, height): never invents a label."""
+    if ids.shape[::-1] == size:
+        return ids
+    return np.asarray(Image.fromarray(ids.astype(np.int32)).resize(size, Image.Resampling.NEAREST)).astype(np.int64)
+
+
+def read_depth_map(source: ImageSource) -> np.ndarray:
+    """A depth image (any single channel, 8 or 16 bit) -> (H, W) float32 min-max scaled to [-1, 1]."""
+    image, name = as_image(source)
+    if image.mode not in ("L", "I", "I;16", "F"):
+        raise UserError(f"{name}: expected a single-channel depth image, got mode {image.mode}")
+    depth = np.asarray(image.convert("F"), dtype=np.float32)
+    low, high = float(depth.min()), float(depth.max())
+    return (2.0 * (depth - low) / max(high - low, 1e-8) - 1.0).astype(np.float32)
+
+
+def resize_depth(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (H, W) depth to ``size`` = (width, height)."""
+    if depth.shape[::-1] == size:
+        return depth
+    return np.asarray(Image.fromarray(depth, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def check_class_id(class_id: int, spec: ConditionSpec) -> None:
+    assert spec.n_classes is not None
+    if not 0 <= class_id < spec.n_classes:
+        raise UserError(f"class id {class_id} is out of range; this model knows classes 0..{spec.n_classes - 1}")
+
+
+def snap_size(width: int, height: int, factor: int) -> tuple[int, int]:
+    """Round a pixel size to the nearest multiple of the downsampling factor (at least one cell)."""
+    return max(factor, round(width / factor) * factor), max(factor, round(height / factor) * factor)

@@ -1,0 +1,35 @@
+"""Progress bars for long loops: shown on an interactive terminal, silent otherwise."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.1f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
+
+
+ProgressCallback = Callable[[int, int], None]  # (done, total)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, unit: str, enabled: bool | None = None) -> Iterator[ProgressCallback]:
+    """Yield ``update(done, total)``; draws a bar with rate and ETA when stdout is a terminal (or ``enabled``)."""
+    if enabled is None:
+        enabled = sys.stdout.isatty()
+    if not enabled:
+        yield lambda done, total: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)

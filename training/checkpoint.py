@@ -1,0 +1,73 @@
+"""The project's checkpoint format: a directory with ``config.json`` and ``model.safetensors``.
+
+No pickle anywhere. Parameter names are the original Taming Transformers names
+(``first_stage_model.*``, ``cond_stage_model.*``, ``transformer.*``). Directories are written
+to a temporary sibling and renamed into place, so a crash never leaves half a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from taming_deploy.errors import UserError
+from taming_deploy.fileutil import atomic_directory
+from taming_deploy.model_paths import CHECKPOINT_CONFIG as CONFIG_FILE
+from taming_deploy.model_paths import CHECKPOINT_WEIGHTS as WEIGHTS_FILE
+from taming_deploy.model_paths import is_checkpoint
+from training.config import ModelConfig
+from training.models.net2net import TamingModel
+
+
+def save_checkpoint(path: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], extra: dict | None = None) -> None:
+    """Write config + weights atomically; ``extra`` (e.g. training step) goes into config.json."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_directory(Path(path)) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), **(extra or {})}, indent=2))
+
+
+def read_config(path: Path) -> ModelConfig:
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise UserError(f"{path} is not a taming-deploy checkpoint (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path / CONFIG_FILE} is not a valid checkpoint config: {exc}") from None
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a UserError naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if state[k].shape != expected[k].shape
+    )
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise UserError(f"{source} does not match its config; " + "; ".join(problems))
+
+
+def load_model(path: Path, device: str = "cpu") -> TamingModel:
+    """Build the model a checkpoint's config describes and load its weights strictly."""
+    path = Path(path)
+    config = read_config(path)
+    model = TamingModel(config)
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device=device)
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {path / WEIGHTS_FILE}: {exc}") from None
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

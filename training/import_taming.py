@@ -1,0 +1,162 @@
+"""Import a checkpoint of the original Taming Transformers (Lightning .ckpt + OmegaConf project.yaml).
+
+The YAML is read as plain YAML; only ``model.target`` and ``model.params`` matter. The checkpoint is
+opened with ``torch.load(weights_only=True)``; one that needs arbitrary unpickling is refused unless the
+user passes ``trust_pickle`` (unpickling can run code from the file).
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from taming_deploy.errors import UserError
+from taming_deploy.spec import ConditionSpec
+from training.checkpoint import check_state_dict, save_checkpoint
+from training.config import ModelConfig
+from training.models.gpt import GPTConfig
+from training.models.net2net import TamingModel
+from training.models.vqgan import AutoencoderConfig
+
+NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
+VQMODEL = "taming.models.vqgan.VQModel"
+VQSEG = "taming.models.vqgan.VQSegmentationModel"
+SOS = "taming.modules.util.SOSProvider"
+LABELATOR = "taming.modules.util.Labelator"
+GPT_TARGET = "taming.modules.transformer.mingpt.GPT"
+DDCONFIG_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_channels", "out_ch",
+                   "resolution", "z_channels", "dropout", "double_z")
+
+
+def read_project_yaml(path: Path) -> dict:
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict) or "target" not in doc["model"]:
+        raise UserError(f"{path} has no model.target: is it a Taming Transformers project.yaml?")
+    return doc["model"]
+
+
+def autoencoder_config(params: dict, where: str) -> AutoencoderConfig:
+    """The original VQModel params -> AutoencoderConfig; refuses options this project does not implement."""
+    if params.get("remap") is not None:
+        raise UserError(f"{where}: codebook remapping (remap) is not supported")
+    dd = params.get("ddconfig", {})
+    for flag in ("give_pre_end", "tanh_out"):
+        if dd.get(flag):
+            raise UserError(f"{where}: ddconfig.{flag} is not supported")
+    missing = [k for k in DDCONFIG_FIELDS if k not in dd and k not in ("dropout", "double_z")]
+    if missing or "embed_dim" not in params or "n_embed" not in params:
+        raise UserError(f"{where}: missing {', '.join(missing + [k for k in ('embed_dim', 'n_embed') if k not in params])}")
+    return AutoencoderConfig(
+        ch=int(dd["ch"]),
+        ch_mult=tuple(int(m) for m in dd["ch_mult"]),
+        num_res_blocks=int(dd["num_res_blocks"]),
+        attn_resolutions=tuple(int(r) for r in dd["attn_resolutions"]),
+        in_channels=int(dd["in_channels"]),
+        out_ch=int(dd["out_ch"]),
+        resolution=int(dd["resolution"]),
+        z_channels=int(dd["z_channels"]),
+        dropout=float(dd.get("dropout", 0.0)),
+        double_z=bool(dd.get("double_z", False)),
+        embed_dim=int(params["embed_dim"]),
+        n_embed=int(params["n_embed"]),
+    )
+
+
+def condition_config(model: dict) -> tuple[ConditionSpec, AutoencoderConfig | None]:
+    params = model.get("params", {})
+    cond = params.get("cond_stage_config")
+    key = params.get("cond_stage_key", "depth")
+    if params.get("unconditional") or cond == "__is_unconditional__":
+        return ConditionSpec(kind="unconditional", sos_token=int(params.get("sos_token", 0))), None
+    if cond == "__is_first_stage__" or not isinstance(cond, dict):
+        raise UserError(f"condition stage {cond!r} is not supported (supported: segmentation, depth, class, unconditional)")
+    target, cparams = cond.get("target"), cond.get("params", {})
+    if target == SOS:
+        return ConditionSpec(kind="unconditional", sos_token=int(cparams.get("sos_token", 0))), None
+    if target == LABELATOR:
+        return ConditionSpec(kind="class", n_classes=int(cparams["n_classes"])), None
+    if target in (VQMODEL, VQSEG):
+        ae = autoencoder_config(cparams, "cond_stage_config")
+        is_segmentation = target == VQSEG or key == "segmentation" or cparams.get("colorize_nlabels") is not None
+        if is_segmentation:
+            n_labels = int(cparams.get("n_labels", ae.in_channels))
+            return ConditionSpec(kind="segmentation", n_labels=n_labels, codebook_size=ae.n_embed), ae
+        if ae.in_channels == 1:
+            return ConditionSpec(kind="depth", codebook_size=ae.n_embed), ae
+        raise UserError(f"a {ae.in_channels}-channel VQ condition ({key}) is not supported (supported: segmentation, depth)")
+    raise UserError(f"condition stage {target} is not supported (supported: segmentation, depth, class, unconditional)")
+
+
+def model_config(model: dict) -> tuple[ModelConfig, str]:
+    """project.yaml's model section -> (ModelConfig, prefix that state-dict keys need)."""
+    target, params = model["target"], model.get("params", {})
+    if target == NET2NET:
+        permuter = params.get("permuter_config")
+        if permuter and permuter.get("target", "").split(".")[-1] != "Identity":
+            raise UserError(f"token permuter {permuter.get('target')} is not supported (only the identity, row-major order)")
+        if int(params.get("downsample_cond_size", -1)) != -1:
+            raise UserError("downsample_cond_size is not supported")
+        tcfg = params["transformer_config"]
+        if tcfg.get("target") != GPT_TARGET:
+            raise UserError(f"transformer {tcfg.get('target')} is not supported (only {GPT_TARGET})")
+        tparams = dict(tcfg["params"])
+        if int(tparams.pop("n_unmasked", 0)) != 0:
+            raise UserError("n_unmasked != 0 is not supported")
+        condition, cond_ae = condition_config(model)
+        config = ModelConfig(
+            first_stage=autoencoder_config(params["first_stage_config"]["params"], "first_stage_config"),
+            condition=condition,
+            condition_autoencoder=cond_ae,
+            transformer=GPTConfig(**{k: v for k, v in tparams.items()}),
+            pkeep=float(params.get("pkeep", 1.0)),
+        )
+        return config, ""
+    if target == VQMODEL:
+        return ModelConfig(first_stage=autoencoder_config(params, "model")), "first_stage_model."
+    if target == VQSEG:
+        ae = autoencoder_config(params, "model")
+        spec = ConditionSpec(kind="segmentation", n_labels=int(params["n_labels"]), codebook_size=ae.n_embed)
+        return ModelConfig(condition=spec, condition_autoencoder=ae), "cond_stage_model."
+    raise UserError(f"model target {target} is not supported (supported: {NET2NET}, {VQMODEL}, {VQSEG})")
+
+
+def load_lightning_state_dict(ckpt: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    if not Path(ckpt).is_file():
+        raise UserError(f"checkpoint {ckpt} does not exist")
+    try:
+        obj: Any = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "it stores Python objects"
+            raise UserError(
+                f"{ckpt} holds more than tensors and can only be opened by arbitrary unpickling, which can run "
+                f"code from the file ({reason}); re-run with --trust-pickle if you trust where it came from"
+            ) from None
+        obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"cannot read checkpoint {ckpt}: {exc}") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{ckpt} has no state_dict of tensors")
+    return state
+
+
+def is_training_only(key: str) -> bool:
+    """LPIPS and discriminator weights of the training loss (``loss.*`` inside any stage)."""
+    return key.startswith("loss.") or ".loss." in key
+
+
+def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool = False) -> ModelConfig:
+    config, prefix = model_config(read_project_yaml(project_yaml))
+    state = {prefix + k: v for k, v in load_lightning_state_dict(ckpt, trust_pickle).items() if not is_training_only(k)}
+    model = TamingModel(config)
+    check_state_dict(model, state, str(ckpt))
+    model.load_state_dict(state, strict=True)
+    save_checkpoint(out, config, model.state_dict())
+    return config
