@@ -155,6 +155,34 @@ def generate(
     )
 
 
+@app.command("export")
+@user_errors_exit
+def export_command(
+    model: Annotated[Path, typer.Argument(help="taming-deploy checkpoint directory (all three stages)")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle directory to write (replaced atomically)")],
+    calibration: Annotated[str, typer.Option(help="Folder of images (+ labels/ or depth/) or synthetic:landscapes")] = "synthetic:landscapes",
+    calibration_count: Annotated[int, typer.Option(help="Calibration images")] = 8,
+    fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="Also write fp16 graphs")] = True,
+) -> None:
+    """Export a checkpoint to a bundle of validated ONNX graphs (fp32 and fp16)."""
+    try:
+        from export.exporter import export_bundle
+    except ImportError as exc:
+        raise UserError(f"export needs the export extra ({exc.name} is missing): pip install 'taming-deploy[export]'") from None
+    manifest = export_bundle(model, out, calibration=calibration, calibration_count=calibration_count, fp16=fp16, echo=typer.echo)
+    typer.echo(f"wrote {out} ({', '.join(manifest.graphs)}; validation passed)")
+
+
+@app.command()
+@user_errors_exit
+def info(path: Annotated[Path, typer.Argument(help="A bundle or a checkpoint directory")]) -> None:
+    """Print what a bundle or checkpoint holds."""
+    from taming_deploy.info import describe
+
+    for line in describe(path):
+        typer.echo(line)
+
+
 def main() -> None:
     app(prog_name="taming-deploy")
 

@@ -1,0 +1,169 @@
+"""`taming-deploy export`: checkpoint -> validated bundle, written atomically.
+
+Steps: export the fp32 graphs, make the fp16 variants from calibration data, write the manifest,
+then validate (onnx.checker, TensorRT op support, ORT vs torch, fp16 vs fp32). The bundle is built
+in a temporary directory and renamed into place only when every check passed, so an interrupted or
+failed export never leaves half a bundle and never damages an existing one.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+import taming_deploy
+from engines.onnx_support import unsupported_ops
+from export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token_sequences
+from export.graphs import graph_defs
+from export.onnx_export import OPSET, export_graph
+from export.validate import Check, check_fp16, check_fp32
+from taming_deploy.backends.ort_backend import OrtBackend
+from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest, TensorSpec
+from taming_deploy.errors import UserError
+from taming_deploy.fileutil import atomic_directory, sha256_file
+from taming_deploy.model_paths import BUNDLE_MANIFEST
+from training.checkpoint import load_model
+from training.models.net2net import TamingModel
+
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
+VALIDATION_STEPS = 48  # single cached steps checked per sequence after the prefill
+
+
+def tensor_specs(values) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(v.name, ONNX_DTYPES[v.type.tensor_type.elem_type],
+                   tuple(d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim))
+        for v in values
+    )
+
+
+def graph_entry(path: Path, precision: str) -> GraphFile:
+    model = onnx.load(str(path), load_external_data=False)
+    return GraphFile(path.name, sha256_file(path), precision, tensor_specs(model.graph.input), tensor_specs(model.graph.output))
+
+
+def structural_checks(path: Path, graph: str, precision: str) -> list[Check]:
+    """onnx.checker and TensorRT parser op support, as rows (value = number of problems)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        problems = 0
+    except onnx.checker.ValidationError:
+        problems = 1
+    unsupported = unsupported_ops(onnx.load(str(path)))
+    return [
+        Check(graph, precision, "onnx.checker errors", problems, 0, False),
+        Check(graph, precision, "ops TensorRT's ONNX parser lacks" + (f" ({', '.join(unsupported)})" if unsupported else ""), len(unsupported), 0, False),
+    ]
+
+
+@torch.no_grad()
+def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Inputs per graph on which the fp16 pass measures activation ranges."""
+    image_tokens = model.first_stage_model.encode(torch.from_numpy(calib.images)).indices.numpy()
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {
+        "encoder": [{"image": calib.images[k : k + 1]} for k in range(len(calib))],
+        "decoder": [{"indices": image_tokens[k : k + 1]} for k in range(len(calib))],
+    }
+    if calib.conditions is not None:
+        name = "labels" if spec.condition.kind == "segmentation" else "depth"
+        feeds["cond_encoder"] = [{name: calib.conditions[k : k + 1]} for k in range(len(calib))]
+        cond_tokens = model.cond_stage_model.condition_tokens(torch.from_numpy(calib.conditions)).numpy()
+    else:
+        cond_tokens = np.full((len(calib), 1), spec.condition.sos_token, dtype=np.int64)
+    sequences = token_sequences(spec, image_tokens, cond_tokens)
+    # a prefill of the first half, then the cache it produced with one step: both call shapes the sampler makes
+    half = sequences.shape[1] // 2
+    transformer_feeds = []
+    for seq in sequences[:4]:
+        cache = model.transformer.new_cache(1)
+        _, cache = model.transformer(torch.from_numpy(seq[None, :half]), cache, torch.tensor(0))
+        transformer_feeds.append({"tokens": seq[None, :half], "position": np.array(0), "cache": np.zeros_like(cache.numpy())})
+        transformer_feeds.append({"tokens": seq[None, half : half + 1], "position": np.array(half), "cache": cache.numpy()})
+    feeds["transformer"] = transformer_feeds
+    return feeds
+
+
+def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
+    rows = [("graph", "precision", "check", "value", "threshold", "ok")]
+    for c in checks:
+        rows.append((c.graph, c.precision, c.check, f"{c.value:.4g}", ("<= " if not c.higher_is_better else ">= ") + f"{c.threshold:g}", "yes" if c.passed else "NO"))
+    widths = [max(len(r[k]) for r in rows) for k in range(6)]
+    for k, row in enumerate(rows):
+        echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if k == 0:
+            echo("  ".join("-" * width for width in widths))
+
+
+def export_bundle(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    calibration: str = SYNTHETIC,
+    calibration_count: int = 8,
+    fp16: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Manifest:
+    started = time.perf_counter()
+    model = load_model(Path(checkpoint_dir))
+    spec = model.config.spec()
+    calib = calibration_set(calibration, spec, count=calibration_count)
+    with atomic_directory(Path(out_dir)) as tmp:
+        graphs: dict[str, dict[str, GraphFile]] = {}
+        checks: list[Check] = []
+        defs = graph_defs(model)
+        feeds = fp16_calibration_feeds(model, spec, calib) if fp16 else {}
+        fp16_report: dict[str, dict] = {}
+        for g in defs:
+            echo(f"exporting {g.name} ...")
+            path = tmp / f"{g.name}.onnx"
+            exported = export_graph(g, path)
+            graphs[g.name] = {"fp32": graph_entry(path, "fp32")}
+            checks += structural_checks(path, g.name, "fp32")
+            if fp16:
+                from export.fp16 import to_mixed_precision
+
+                fp16_io = ("cache", "new_cache") if g.name == "transformer" else ()
+                mixed, report = to_mixed_precision(exported, feeds[g.name], fp16_io=fp16_io)
+                path16 = tmp / f"{g.name}.fp16.onnx"
+                onnx.save_model(mixed, str(path16))
+                graphs[g.name]["fp16"] = graph_entry(path16, "fp16")
+                checks += structural_checks(path16, g.name, "fp16")
+                fp16_report[g.name] = report.to_dict()
+        producer = {
+            "name": "taming-deploy",
+            "version": taming_deploy.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "opset": OPSET,
+            "python": platform.python_version(),
+        }
+        manifest = Manifest(model=spec, graphs=graphs, producer=producer, format_version=BUNDLE_VERSION)
+        (tmp / BUNDLE_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+        echo("validating ...")
+        ort32 = OrtBackend(tmp, "fp32")
+        rng = np.random.default_rng(1)
+        random_sequences = rng.integers(0, spec.vocab_size, size=(2, min(spec.block_size, 2 * VALIDATION_STEPS)))
+        checks += list(check_fp32(model, ort32, calib, random_sequences, VALIDATION_STEPS))
+        if fp16:
+            checks += list(check_fp16(model, ort32, OrtBackend(tmp, "fp16"), calib, VALIDATION_STEPS))
+        print_table(checks, echo)
+        validation = {
+            "calibration": {"source": calibration, "images": len(calib), "size": list(calib.images.shape[2:])},
+            "checks": [c.to_dict() for c in checks],
+            "fp16": fp16_report,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        manifest = Manifest(model=spec, graphs=graphs, producer=producer, validation=validation, format_version=BUNDLE_VERSION)
+        (tmp / BUNDLE_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            raise UserError(
+                "export failed validation (nothing was written): "
+                + "; ".join(f"{c.graph} {c.precision} {c.check} = {c.value:.4g}, needs {'>=' if c.higher_is_better else '<='} {c.threshold:g}" for c in failed)
+            )
+    return manifest

@@ -1,0 +1,119 @@
+"""The four graphs a model is split into, as small torch modules with their ONNX signatures.
+
+- encoder:      image (B, 3, H, W) float32 in [-1, 1] -> indices (B, h, w) int64
+- decoder:      indices (B, h, w) int64 -> image (B, 3, H, W) float32 (unclamped)
+- cond_encoder: labels (B, H, W) int64 class ids, or depth (B, 1, H, W) float32 -> indices (B, h, w)
+- transformer:  tokens (B, T) int64, position () int64, cache -> logits (B, V) of the last position,
+                new_cache; the cache (n_layer, 2, B, n_head, block_size, head_dim) never changes shape.
+The quantizer's distances and argmin are fp32 inside every graph (see quantizer.nearest_code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.models.gpt import GPT
+from training.models.net2net import TamingModel
+from training.models.quantizer import nearest_code
+from training.models.vqgan import VQModel
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, vq: VQModel):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        z = self.vq.quant_conv(self.vq.encoder(image))
+        b, c, h, w = z.shape
+        indices = nearest_code(z.permute(0, 2, 3, 1).reshape(-1, c), self.vq.quantize.embedding.weight)
+        return indices.view(b, h, w)
+
+
+class SegmentationEncoderGraph(EncoderGraph):
+    """One-hot inside the graph (a comparison against the label range), so callers pass class ids."""
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        label_range = torch.arange(self.vq.config.in_channels, device=labels.device).view(1, -1, 1, 1)
+        return super().forward((labels.unsqueeze(1) == label_range).float())
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, vq: VQModel):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.vq.decode_indices(indices)
+
+
+class TransformerStepGraph(nn.Module):
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, new_cache = self.gpt(tokens, cache, position, last_only=True)
+        return logits, new_cache
+
+
+@dataclass
+class GraphDef:
+    name: str
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_shapes: dict  # torch.export dynamic shapes per input name
+    axis_names: dict[str, tuple[int | str, ...]]  # declared shapes of every input/output, dynamic axes named
+
+
+def graph_defs(model: TamingModel, example_hw: tuple[int, int] = (64, 64)) -> list[GraphDef]:
+    """The graphs of a complete model, with example inputs of ``example_hw`` pixels."""
+    auto = torch.export.Dim.AUTO
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    cfg = model.config
+    spec = cfg.spec()
+    f = spec.downsample_factor
+    h, w = example_hw
+    image_axes = ("batch", 3, "height", "width")
+    latent_axes = ("batch", "latent_height", "latent_width")
+    defs = [
+        GraphDef(
+            "encoder", EncoderGraph(model.first_stage_model), (torch.rand(2, 3, h, w) * 2 - 1,),
+            ("image",), ("indices",), {"image": {0: batch, 2: auto, 3: auto}},
+            {"image": image_axes, "indices": latent_axes},
+        ),
+        GraphDef(
+            "decoder", DecoderGraph(model.first_stage_model),
+            (torch.randint(0, spec.image_codebook_size, (2, h // f, w // f)),),
+            ("indices",), ("image",), {"indices": {0: batch, 1: auto, 2: auto}},
+            {"indices": latent_axes, "image": image_axes},
+        ),
+    ]
+    cond = spec.condition
+    if cond.kind == "segmentation":
+        assert cond.n_labels is not None
+        defs.append(GraphDef(
+            "cond_encoder", SegmentationEncoderGraph(model.cond_stage_model), (torch.randint(0, cond.n_labels, (2, h, w)),),
+            ("labels",), ("indices",), {"labels": {0: batch, 1: auto, 2: auto}},
+            {"labels": ("batch", "height", "width"), "indices": latent_axes},
+        ))
+    elif cond.kind == "depth":
+        defs.append(GraphDef(
+            "cond_encoder", EncoderGraph(model.cond_stage_model), (torch.rand(2, 1, h, w) * 2 - 1,),
+            ("depth",), ("indices",), {"depth": {0: batch, 2: auto, 3: auto}},
+            {"depth": ("batch", 1, "height", "width"), "indices": latent_axes},
+        ))
+    cache_axes = (spec.n_layer, 2, "batch", spec.n_head, spec.block_size, spec.head_dim)
+    defs.append(GraphDef(
+        "transformer", TransformerStepGraph(model.transformer),
+        (torch.randint(0, spec.vocab_size, (2, 7)), torch.tensor(3), model.transformer.new_cache(2)),
+        ("tokens", "position", "cache"), ("logits", "new_cache"),
+        {"tokens": {0: batch, 1: torch.export.Dim("tokens", min=1, max=spec.block_size)}, "position": {}, "cache": {2: batch}},
+        {"tokens": ("batch", "tokens"), "position": (), "cache": cache_axes, "logits": ("batch", spec.vocab_size),
+         "new_cache": cache_axes},
+    ))
+    return defs

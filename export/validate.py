@@ -1,0 +1,120 @@
+"""Numerical checks every export must pass: ONNX Runtime against PyTorch (fp32) and fp16 against fp32.
+
+Each check yields a row (graph, precision, check, value, threshold, passed); the exporter prints
+them as a table, stores them in the manifest and fails when any row fails.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from export.calibration import CalibrationSet, token_sequences
+from taming_deploy.backends.ort_backend import OrtBackend
+from training.models.net2net import TamingModel
+
+FP32_MAX_RELATIVE_ERROR = 1e-4
+FP32_MIN_INDEX_AGREEMENT = 0.999  # argmin over the codebook may flip at exact near-ties, nothing more
+FP16_MIN_DECODER_PSNR = 40.0
+FP16_MIN_TOP1_AGREEMENT = 0.99
+FP16_MIN_INDEX_AGREEMENT = 0.995
+
+
+@dataclass(frozen=True)
+class Check:
+    graph: str
+    precision: str
+    check: str
+    value: float
+    threshold: float
+    higher_is_better: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2), after clamping as the saver does."""
+    mse = float(np.mean((np.clip(actual, -1, 1) - np.clip(expected, -1, 1)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a == b))
+
+
+def stepped_logits(backend: OrtBackend, sequences: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits at positions prefill-1 .. L-1: one prefill of ``prefill`` tokens, then single steps."""
+    cache = backend.new_cache(sequences.shape[0])
+    out = [backend.transformer_step(sequences[:, :prefill], 0, cache)]
+    for p in range(prefill, sequences.shape[1]):
+        out.append(backend.transformer_step(sequences[:, p : p + 1], p, cache))
+    return np.stack(out, axis=1)
+
+
+@torch.no_grad()
+def torch_logits(model: TamingModel, sequences: np.ndarray, prefill: int) -> np.ndarray:
+    logits, _ = model.transformer(torch.from_numpy(sequences))
+    return logits[:, prefill - 1 :].numpy()
+
+
+@torch.no_grad()
+def check_fp32(model: TamingModel, ort32: OrtBackend, calib: CalibrationSet, random_sequences: np.ndarray, steps: int) -> Iterator[Check]:
+    """ORT fp32 against PyTorch on calibration and random inputs."""
+    rng = np.random.default_rng(0)
+    spec = ort32.spec
+    fs = model.first_stage_model
+    random_images = rng.uniform(-1, 1, size=(2, 3, *calib.images.shape[2:])).astype(np.float32)
+    for name, images in (("calibration", calib.images), ("random", random_images)):
+        expected = fs.encode(torch.from_numpy(images)).indices.numpy()
+        yield Check("encoder", "fp32", f"index agreement vs torch ({name})", agreement(ort32.encode(images), expected), FP32_MIN_INDEX_AGREEMENT, True)
+    calib_tokens = fs.encode(torch.from_numpy(calib.images)).indices.numpy()
+    random_tokens = rng.integers(0, spec.image_codebook_size, size=calib_tokens.shape)
+    for name, tokens in (("calibration", calib_tokens), ("random", random_tokens)):
+        expected = fs.decode_indices(torch.from_numpy(tokens)).numpy()
+        yield Check("decoder", "fp32", f"max relative error vs torch ({name})", relative_error(ort32.decode(tokens), expected), FP32_MAX_RELATIVE_ERROR, False)
+    if calib.conditions is not None:
+        expected = model.cond_stage_model.condition_tokens(torch.from_numpy(calib.conditions)).numpy()
+        got = ort32.condition_tokens(calib.conditions)
+        yield Check("cond_encoder", "fp32", "index agreement vs torch (calibration)", agreement(got, expected), FP32_MIN_INDEX_AGREEMENT, True)
+    for name, sequences in (("calibration", calibration_sequences(model, ort32, calib)), ("random", random_sequences)):
+        prefill = max(1, sequences.shape[1] - steps)
+        error = relative_error(stepped_logits(ort32, sequences, prefill), torch_logits(model, sequences, prefill))
+        yield Check("transformer", "fp32", f"max relative error vs torch, prefill + {sequences.shape[1] - prefill} steps ({name})", error, FP32_MAX_RELATIVE_ERROR, False)
+
+
+@torch.no_grad()
+def calibration_sequences(model: TamingModel, backend: OrtBackend, calib: CalibrationSet) -> np.ndarray:
+    image_tokens = model.first_stage_model.encode(torch.from_numpy(calib.images)).indices.numpy()
+    if calib.conditions is not None:
+        cond_tokens = model.cond_stage_model.condition_tokens(torch.from_numpy(calib.conditions)).numpy()
+    elif backend.spec.condition.kind == "class":
+        cond_tokens = np.arange(len(calib), dtype=np.int64)[:, None] % (backend.spec.condition.n_classes or 1)
+    else:
+        cond_tokens = np.full((len(calib), 1), backend.spec.condition.sos_token, dtype=np.int64)
+    return token_sequences(backend.spec, image_tokens, cond_tokens)
+
+
+def check_fp16(model: TamingModel, ort32: OrtBackend, ort16: OrtBackend, calib: CalibrationSet, steps: int) -> Iterator[Check]:
+    """fp16 graphs against the fp32 graphs on calibration inputs."""
+    yield Check("encoder", "fp16", "index agreement vs fp32", agreement(ort16.encode(calib.images), ort32.encode(calib.images)), FP16_MIN_INDEX_AGREEMENT, True)
+    tokens = ort32.encode(calib.images)
+    yield Check("decoder", "fp16", "PSNR vs fp32 (dB)", psnr(ort16.decode(tokens), ort32.decode(tokens)), FP16_MIN_DECODER_PSNR, True)
+    if calib.conditions is not None:
+        got, expected = ort16.condition_tokens(calib.conditions), ort32.condition_tokens(calib.conditions)
+        yield Check("cond_encoder", "fp16", "index agreement vs fp32", agreement(got, expected), FP16_MIN_INDEX_AGREEMENT, True)
+    sequences = calibration_sequences(model, ort32, calib)
+    prefill = max(1, sequences.shape[1] - steps)
+    top1_16 = stepped_logits(ort16, sequences, prefill).argmax(-1)
+    top1_32 = stepped_logits(ort32, sequences, prefill).argmax(-1)
+    yield Check("transformer", "fp16", f"greedy top-1 agreement vs fp32 ({top1_32.size} positions)", agreement(top1_16, top1_32), FP16_MIN_TOP1_AGREEMENT, True)

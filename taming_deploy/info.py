@@ -1,0 +1,94 @@
+"""`taming-deploy info`: what a bundle or a checkpoint holds, read without torch."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from taming_deploy.bundle import Bundle
+from taming_deploy.errors import UserError
+from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, is_bundle, is_checkpoint
+from taming_deploy.spec import ModelSpec
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: tensor name -> dtype, shape, offsets."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
+
+
+def parameter_counts(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name, entry in safetensors_header(path).items():
+        if name == "__metadata__":
+            continue
+        size = 1
+        for dim in entry["shape"]:
+            size *= dim
+        stage = name.split(".")[0]
+        counts[stage] = counts.get(stage, 0) + size
+    return counts
+
+
+def describe_spec(spec: ModelSpec) -> list[str]:
+    c = spec.condition
+    cond = c.kind + (f", {c.n_labels} labels" if c.n_labels else "") + (f", {c.n_classes} classes" if c.n_classes else "")
+    if c.codebook_size:
+        cond += f", codebook {c.codebook_size}"
+    return [
+        f"condition:    {cond}" + (f" ({', '.join(c.label_names)})" if c.label_names else ""),
+        f"first stage:  downsampling x{spec.downsample_factor}, codebook {spec.image_codebook_size}",
+        f"transformer:  {spec.n_layer} layers, {spec.n_head} heads, width {spec.n_embd}, block {spec.block_size}, vocab {spec.vocab_size}",
+        f"window:       {spec.window[0]}x{spec.window[1]} latent cells",
+    ]
+
+
+def describe_bundle(path: Path) -> list[str]:
+    bundle = Bundle(path)
+    m = bundle.manifest
+    lines = [f"bundle {path} (format {m.format_version}, by {m.producer.get('name')} {m.producer.get('version')}, opset {m.producer.get('opset')})"]
+    lines += describe_spec(m.model)
+    for name, by_precision in m.graphs.items():
+        for precision, entry in by_precision.items():
+            size = (path / entry.file).stat().st_size / 1e6 if (path / entry.file).exists() else float("nan")
+            io = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in entry.inputs) + " -> " + ", ".join(
+                f"{t.name}:{t.dtype}{list(t.shape)}" for t in entry.outputs
+            )
+            lines.append(f"graph {name:<12} {precision}  {entry.file:<24} {size:8.1f} MB  {io}")
+    checks = m.validation.get("checks", [])
+    if checks:
+        failed = [c for c in checks if not c.get("passed")]
+        lines.append(f"validation:   {len(checks) - len(failed)}/{len(checks)} checks passed at export")
+    engines = path / "engines" / "engines.json"
+    if engines.is_file():
+        info = json.loads(engines.read_text())
+        lines.append(f"engines:      TensorRT {info.get('tensorrt_version')} for {info.get('gpu_name')}")
+    return lines
+
+
+def describe_checkpoint(path: Path) -> list[str]:
+    config = json.loads((path / CHECKPOINT_CONFIG).read_text())
+    lines = [f"checkpoint {path} (format {config.get('format_version')})"]
+    stages = [s for s in ("first_stage", "condition", "transformer") if s in config]
+    lines.append(f"stages:       {', '.join(stages)}")
+    for stage, count in parameter_counts(path / CHECKPOINT_WEIGHTS).items():
+        lines.append(f"parameters:   {stage:<20} {count / 1e6:8.2f} M")
+    for key in ("step", "epoch"):
+        if key in config:
+            lines.append(f"{key + ':':<14}{config[key]}")
+    if all(s in config for s in ("first_stage", "condition", "transformer")):
+        fs, tr = config["first_stage"], config["transformer"]
+        lines.append(f"first stage:  downsampling x{2 ** (len(fs['ch_mult']) - 1)}, codebook {fs['n_embed']}")
+        lines.append(f"transformer:  {tr['n_layer']} layers, {tr['n_head']} heads, width {tr['n_embd']}, block {tr['block_size']}")
+        lines.append(f"condition:    {config['condition']['kind']}")
+    return lines
+
+
+def describe(path: Path) -> list[str]:
+    path = Path(path)
+    if is_bundle(path):
+        return describe_bundle(path)
+    if is_checkpoint(path):
+        return describe_checkpoint(path)
+    raise UserError(f"{path}: neither a bundle (manifest.json) nor a checkpoint (config.json + model.safetensors)")
