@@ -1,0 +1,185 @@
+"""Build TensorRT engines from a bundle's graphs: ``taming-deploy build``.
+
+Precision lives in the graphs (DESIGN.md): the fp16 graphs are already strongly typed, so the
+network is created strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED on 10.x; 11.x has
+only strong typing) and no precision flag is set - TensorRT 11 removed BuilderFlag.FP16 and the other
+weak-typing flags. The one flag touched is TF32, cleared for --precision fp32 so an fp32 engine
+computes in fp32 and its tokens can be compared exactly with ONNX Runtime's.
+All engines, engines.json and the timing cache are written to a temporary directory that replaces
+BUNDLE/engines only when every engine has been built.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from engines import cuda, deps
+from engines.engine_manifest import (
+    ENGINES_MANIFEST,
+    TIMING_CACHE,
+    EngineEntry,
+    EngineManifest,
+    Environment,
+    engines_dir,
+    environment_difference,
+    read_engine_manifest,
+    required_graphs,
+)
+from engines.profiles import Limits, Profile, graph_profiles
+from taming_deploy.bundle import PRECISIONS, Bundle
+from taming_deploy.errors import UserError
+from taming_deploy.fileutil import atomic_directory
+
+OPT_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level: 0 (fast build) .. 5 (slowest, best)
+
+
+def reusable_timing_cache(bundle_dir: Path, current: Environment) -> bytes:
+    """The timing cache of the previous build, when it was made by this TensorRT on this GPU;
+    otherwise empty (a cache from elsewhere holds timings that do not apply here)."""
+    directory = engines_dir(bundle_dir)
+    path = directory / TIMING_CACHE
+    if not path.is_file():
+        return b""
+    try:
+        previous = read_engine_manifest(bundle_dir)
+    except UserError:
+        return b""
+    if environment_difference(previous.environment, current) is not None:
+        return b""
+    return path.read_bytes()
+
+
+def check_options(precision: str, workspace_gib: float, opt_level: int) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not workspace_gib > 0:
+        raise UserError(f"--workspace must be > 0 GiB, got {workspace_gib}")
+    if opt_level not in OPT_LEVELS:
+        raise UserError(f"--opt-level must be 0..5, got {opt_level}")
+
+
+def network_flags(trt: ModuleType) -> int:
+    """Strongly typed on 10.x; on 11.x networks are always strongly typed (the flag is accepted there
+    but not needed), so it is set only where the enum has it."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+class _Builder:
+    """One TensorRT builder, logger and timing cache shared by the engines of one build."""
+
+    def __init__(self, trt: ModuleType, timing_cache: bytes, precision: str, workspace_gib: float, opt_level: int):
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.builder = trt.Builder(self.logger)
+        if self.builder is None:
+            raise UserError("TensorRT could not create a builder (is the NVIDIA driver working?)")
+        self.timing_data = timing_cache
+        self.timing_cache: Any = None
+        self.precision = precision
+        self.workspace_bytes = int(workspace_gib * (1 << 30))
+        self.opt_level = opt_level
+
+    def _config(self, profiles: list[Profile]) -> Any:
+        trt, config = self.trt, self.builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
+        config.builder_optimization_level = self.opt_level
+        if self.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
+        if self.timing_cache is None:
+            self.timing_cache = config.create_timing_cache(self.timing_data)
+        if not config.set_timing_cache(self.timing_cache, False):
+            # an unusable previous cache (other version or device): start an empty one
+            self.timing_cache = config.create_timing_cache(b"")
+            if not config.set_timing_cache(self.timing_cache, False):
+                raise UserError("TensorRT refused a fresh timing cache")
+        for profile in profiles:
+            trt_profile = self.builder.create_optimization_profile()
+            for name, rng in profile.shapes.items():
+                trt_profile.set_shape(name, rng.min, rng.opt, rng.max)
+            if config.add_optimization_profile(trt_profile) < 0:
+                raise UserError(f"TensorRT rejected the optimisation profile {profile.to_dict()}")
+        return config
+
+    def build(self, graph_path: Path, profiles: list[Profile]) -> bytes:
+        trt = self.trt
+        network = self.builder.create_network(network_flags(trt))
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(graph_path)):
+            errors = "; ".join(" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors))
+            raise UserError(f"{graph_path}: TensorRT {trt.__version__}'s ONNX parser rejected the graph: {errors}")
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            if tensor.is_shape_tensor:
+                # the runtime binds every input in device memory; a shape-tensor input would need host memory
+                raise UserError(
+                    f"{graph_path}: input {tensor.name!r} is used as a shape tensor by TensorRT; the graph "
+                    "must use it only as data (export the bundle again with a current taming-deploy)"
+                )
+        plan = self.builder.build_serialized_network(network, self._config(profiles))
+        if plan is None:
+            raise UserError(f"{graph_path}: TensorRT could not build an engine (its log above says why)")
+        return bytes(plan)
+
+    def serialized_timing_cache(self) -> bytes:
+        return bytes(self.timing_cache.serialize()) if self.timing_cache is not None else b""
+
+
+def build_engines(
+    bundle_dir: Path,
+    precision: str = "fp16",
+    max_size: tuple[int, int] = (1024, 1024),
+    max_batch: int = 4,
+    workspace_gib: float = 4.0,
+    opt_level: int = 3,
+    log: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Build one engine per graph of ``precision`` into BUNDLE/engines and return that directory.
+
+    ``max_size`` = (width, height) in pixels and ``max_batch`` bound the shapes the engines accept.
+    Raises UserError (one line) for a missing TensorRT/cuda-python/GPU, a bad option or bundle, or
+    a graph TensorRT cannot parse or build.
+    """
+    bundle_dir = Path(bundle_dir)
+    check_options(precision, workspace_gib, opt_level)
+    trt = deps.tensorrt()
+    gpu = cuda.device_info()
+    environment = Environment(trt.__version__, gpu.name, gpu.compute_capability)
+    bundle = Bundle(bundle_dir)
+    limits = Limits((int(max_size[0]), int(max_size[1])), int(max_batch))
+    limits.validate(bundle.spec)
+    names = required_graphs(bundle.manifest, precision)
+    if not names:
+        raise UserError(f"{bundle_dir}: the bundle has no {precision} graphs; export them or choose another --precision")
+    builder = _Builder(trt, reusable_timing_cache(bundle_dir, environment), precision, workspace_gib, opt_level)
+    target = engines_dir(bundle_dir)
+    entries: dict[str, EngineEntry] = {}
+    with atomic_directory(target) as tmp:
+        for name in names:
+            graph = bundle.graph(name, precision)
+            profiles = graph_profiles(name, graph, bundle.spec, limits)
+            log(f"building the {name} engine from {graph.file} (TensorRT {trt.__version__}, {gpu.name})")
+            plan = builder.build(bundle.graph_path(name, precision), profiles)
+            plan_file = f"{name}.plan"
+            (tmp / plan_file).write_bytes(plan)
+            entries[name] = EngineEntry(plan_file, hashlib.sha256(plan).hexdigest(), graph.file, graph.sha256, tuple(profiles))
+        (tmp / TIMING_CACHE).write_bytes(builder.serialized_timing_cache())
+        manifest = EngineManifest(
+            environment=environment,
+            precision=precision,
+            engines=entries,
+            build={
+                "max_size": list(limits.max_size),
+                "max_batch": limits.max_batch,
+                "workspace_gib": workspace_gib,
+                "opt_level": opt_level,
+                "tf32": precision != "fp32",
+            },
+        )
+        (tmp / ENGINES_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
+    log(f"wrote {len(entries)} engines to {target}")
+    return target

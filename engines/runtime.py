@@ -1,0 +1,256 @@
+"""The TensorRT backend: a bundle's engines behind the sampler's Backend interface.
+
+Each engine gets one execution context per optimisation profile (the transformer: prefill and
+decode). Inputs are copied to device buffers, ``set_input_shape`` + ``set_tensor_address`` bind
+them, ``execute_async_v3`` runs on one CUDA stream.
+
+The transformer cache never leaves the GPU: a TrtCache owns two device buffers that swap roles after
+every step (the engine reads ``current`` and writes ``spare``), as OrtCache does with ONNX Runtime
+values. Per step only the new tokens and the position go up, and only the last position's logits,
+(batch, vocab) floats, come back. Sampling stays on the host: it is a few microseconds for one row of
+logits, and keeping it in NumPy keeps one sampler (one random number stream, one top-k/top-p code
+path) shared by all backends, so a seed means the same thing everywhere.
+
+With ``cuda_graph=True`` the decode step (T = 1) is captured once per cache and buffer parity into a
+CUDA graph and replayed, which removes the per-kernel launch cost that dominates small decode steps.
+The first decode step of each parity runs normally (TensorRT must run once after shapes change
+before it can be captured); if capture fails the backend keeps running without graphs and records why
+in ``cuda_graph_error``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines import cuda, deps
+from engines.buffers import step_buffers
+from engines.engine_manifest import EngineEntry, Environment, engines_dir, incompatibility, io_mismatch, read_engine_manifest
+from engines.profiles import Profile, transformer_profile_index
+from taming_deploy.bundle import Bundle
+from taming_deploy.errors import UserError
+
+
+@dataclass
+class _Engine:
+    name: str
+    engine: Any  # tensorrt.ICudaEngine
+    contexts: list[Any]  # tensorrt.IExecutionContext, one per profile, same order
+    profiles: list[Profile]
+    inputs: list[str]
+    outputs: list[str]
+    dtypes: dict[str, np.dtype]
+
+
+@dataclass(eq=False)
+class TrtCache:
+    """A transformer cache for ``batch`` sequences, resident on the GPU."""
+
+    batch: int
+    current: cuda.DeviceBuffer  # holds the sequence so far; the next step reads it
+    spare: cuda.DeviceBuffer  # the next step writes the updated cache here, then they swap
+    tokens: cuda.DeviceBuffer
+    position: cuda.DeviceBuffer
+    logits: cuda.DeviceBuffer
+    logits_host: np.ndarray
+    graphs: dict[int, cuda.CudaGraph] = field(default_factory=dict)  # address read by the graph -> graph
+
+
+class TrtBackend:
+    name = "trt"
+
+    def __init__(self, bundle_dir: Path, cuda_graph: bool = False):
+        bundle_dir = Path(bundle_dir)
+        self.bundle = Bundle(bundle_dir)
+        self.spec = self.bundle.spec
+        manifest = read_engine_manifest(bundle_dir)  # before importing TensorRT: "no engines" is the likelier news
+        trt = deps.tensorrt()
+        gpu = cuda.device_info()
+        current = Environment(trt.__version__, gpu.name, gpu.compute_capability)
+        directory = engines_dir(bundle_dir)
+        if reason := incompatibility(manifest, current, self.bundle.manifest):
+            raise UserError(f"{directory}: {reason}; rebuild the engines with `taming-deploy build {bundle_dir}`")
+        self.precision = manifest.precision
+        self.cuda_graph = cuda_graph
+        self.cuda_graph_error: str | None = None
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.stream = cuda.Stream()
+        self._scratch: dict[str, cuda.DeviceBuffer] = {}
+        self._engines = {
+            name: self._load(directory, name, entry)
+            for name, entry in manifest.engines.items()
+            if self.bundle.has_graph(name, self.precision)
+        }
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _load(self, directory: Path, name: str, entry: EngineEntry) -> _Engine:
+        trt, path = self._trt, directory / entry.file
+        rebuild = f"rebuild the engines with `taming-deploy build {self.bundle.path}`"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read the engine ({exc}); {rebuild}") from None
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise UserError(f"{path}: the engine file does not match engines.json (damaged or replaced); {rebuild}")
+        engine = self._runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise UserError(f"{path}: TensorRT could not load the engine (its log above says why); {rebuild}")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        if reason := io_mismatch([(n, is_input[n], dtypes[n].name) for n in names], self.bundle.graph(name, self.precision)):
+            raise UserError(f"{path}: {reason}; {rebuild}")
+        inputs = [n for n in names if is_input[n]]
+        for n in inputs:
+            if engine.is_shape_inference_io(n):
+                raise UserError(f"{path}: input {n!r} is a shape tensor, which this runtime does not bind; {rebuild}")
+        profiles = list(entry.profiles)
+        if engine.num_optimization_profiles != len(profiles):
+            raise UserError(f"{path}: the engine has {engine.num_optimization_profiles} profiles, engines.json lists {len(profiles)}; {rebuild}")
+        contexts = []
+        for index in range(len(profiles)):
+            context = engine.create_execution_context()
+            if context is None:
+                raise UserError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+            if not context.set_optimization_profile_async(index, self.stream.ptr):
+                raise UserError(f"{path}: TensorRT could not select optimisation profile {index}")
+            contexts.append(context)
+        self.stream.synchronize()
+        return _Engine(name, engine, contexts, profiles, inputs, [n for n in names if not is_input[n]], dtypes)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _buffer(self, key: str, nbytes: int) -> cuda.DeviceBuffer:
+        """A device buffer of at least ``nbytes`` for single-shot graphs, reused across calls."""
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.nbytes < nbytes:
+            if buffer is not None:
+                buffer.free()
+            buffer = self._scratch[key] = cuda.DeviceBuffer(nbytes)
+        return buffer
+
+    def _set_shapes(self, engine: _Engine, profile_index: int, shapes: dict[str, tuple[int, ...]]) -> Any:
+        context, profile = engine.contexts[profile_index], engine.profiles[profile_index]
+        if reason := profile.violation(shapes):
+            raise UserError(f"the {engine.name} engine cannot run this request: {reason}")
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise UserError(f"the {engine.name} engine rejected the input shape {name}={shape}")
+        return context
+
+    @staticmethod
+    def _bind(context: Any, name: str, buffers: dict[str, cuda.DeviceBuffer]) -> None:
+        for tensor, buffer in buffers.items():
+            if not context.set_tensor_address(tensor, buffer.ptr):
+                raise UserError(f"TensorRT refused the device address of {tensor!r} for the {name} engine")
+
+    def _execute(self, context: Any, name: str) -> None:
+        if not context.execute_async_v3(self.stream.ptr):
+            raise UserError(f"TensorRT failed to run the {name} engine (its log above says why)")
+
+    def _run_single(self, name: str, array: np.ndarray) -> np.ndarray:
+        engine = self._engines[name]
+        (input_name,), (output_name,) = engine.inputs, engine.outputs
+        array = np.ascontiguousarray(array, dtype=engine.dtypes[input_name])
+        context = self._set_shapes(engine, 0, {input_name: array.shape})
+        out = np.empty(tuple(context.get_tensor_shape(output_name)), engine.dtypes[output_name])
+        src = self._buffer(f"{name}/{input_name}", array.nbytes)
+        dst = self._buffer(f"{name}/{output_name}", out.nbytes)
+        cuda.copy_to_device(src, array, self.stream)
+        self._bind(context, name, {input_name: src, output_name: dst})
+        self._execute(context, name)
+        cuda.copy_to_host(out, dst, self.stream)
+        self.stream.synchronize()
+        return out
+
+    def condition_tokens(self, condition: np.ndarray) -> np.ndarray:
+        if "cond_encoder" not in self._engines:
+            raise UserError(f"{self.bundle.path}: this bundle has no condition encoder; do not pass --cond")
+        return self._run_single("cond_encoder", condition).astype(np.int64, copy=False)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return self._run_single("encoder", images).astype(np.int64, copy=False)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        return self._run_single("decoder", tokens.astype(np.int64)).astype(np.float32, copy=False)
+
+    # -- the cached transformer ------------------------------------------------------------------
+
+    def new_cache(self, batch: int) -> TrtCache:
+        engine = self._engines["transformer"]
+        decode = transformer_profile_index(engine.profiles, 1)
+        if reason := engine.profiles[decode].violation({"tokens": (batch, 1), "cache": self.spec.cache_shape(batch)}):
+            raise UserError(f"the transformer engine cannot take a batch of {batch}: {reason}")
+        sizes = step_buffers(self.spec, batch, engine.dtypes["cache"], engine.dtypes["logits"])
+        buffers = {key: cuda.DeviceBuffer(nbytes) for key, nbytes in sizes.items()}
+        # Zeros matter: slots past the position are masked out of the softmax, but garbage there
+        # (NaN, inf) would still reach the output through 0 * NaN in the attention-weighted sum.
+        cuda.fill_zero(buffers["cache"], self.stream)
+        cuda.fill_zero(buffers["new_cache"], self.stream)
+        self.stream.synchronize()
+        return TrtCache(
+            batch=batch,
+            current=buffers["cache"],
+            spare=buffers["new_cache"],
+            tokens=buffers["tokens"],
+            position=buffers["position"],
+            logits=buffers["logits"],
+            logits_host=np.empty((batch, self.spec.vocab_size), engine.dtypes["logits"]),
+        )
+
+    def transformer_step(self, tokens: np.ndarray, position: int, cache: TrtCache) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        batch, count = tokens.shape
+        if batch != cache.batch:
+            raise ValueError(f"{batch} sequences fed to a cache made for {cache.batch}")
+        if position < 0 or position + count > self.spec.block_size:
+            raise ValueError(f"positions {position}..{position + count - 1} exceed the block size {self.spec.block_size}")
+        engine = self._engines["transformer"]
+        index = transformer_profile_index(engine.profiles, count)
+        cuda.copy_to_device(cache.tokens, tokens, self.stream)
+        cuda.copy_to_device(cache.position, np.array(position, dtype=np.int64), self.stream)
+        use_graph = self.cuda_graph and count == 1
+        graph = cache.graphs.get(cache.current.ptr) if use_graph else None
+        if graph is not None:
+            graph.launch()
+        else:
+            context = self._set_shapes(engine, index, {"tokens": (batch, count), "cache": self.spec.cache_shape(batch)})
+            self._bind(context, "transformer", {"tokens": cache.tokens, "position": cache.position, "cache": cache.current,
+                                                "new_cache": cache.spare, "logits": cache.logits})
+            self._execute(context, "transformer")
+        cuda.copy_to_host(cache.logits_host, cache.logits, self.stream)
+        self.stream.synchronize()
+        if use_graph and graph is None:
+            self._capture(engine.contexts[index], cache)
+        cache.current, cache.spare = cache.spare, cache.current
+        return cache.logits_host.astype(np.float32)
+
+    def _capture(self, context: Any, cache: TrtCache) -> None:
+        """Capture the step just run (same shapes, same addresses) for replay on this parity."""
+        try:
+            cache.graphs[cache.current.ptr] = cuda.CudaGraph(self.stream, lambda: self._execute(context, "transformer"))
+        except UserError as exc:
+            self.cuda_graph, self.cuda_graph_error = False, str(exc)
+
+
+def load_trt_backend(bundle_dir: Path, cuda_graph: bool = False) -> TrtBackend:
+    """The TensorRT backend of a bundle; UserError saying why (and what to do) when the engines are
+    missing or stale, or TensorRT, cuda-python or the GPU are not usable."""
+    return TrtBackend(bundle_dir, cuda_graph=cuda_graph)
+
+
+def probe_trt_backend(bundle_dir: Path) -> tuple[TrtBackend | None, str | None]:
+    """(backend, None) when the bundle's engines load here, else (None, the reason) - for
+    ``--backend auto``, which falls back to ONNX Runtime and tells the user why."""
+    try:
+        return load_trt_backend(bundle_dir), None
+    except UserError as exc:
+        return None, str(exc)
+    except Exception as exc:  # TensorRT's own errors (RuntimeError, ...): auto still falls back, with the cause
+        return None, f"{type(exc).__name__}: {exc}"

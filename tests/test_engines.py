@@ -1,0 +1,412 @@
+"""The TensorRT code that runs without a GPU: profiles, engines.json compatibility, buffer sizes, the
+decode-step bound, backend choice, ONNX op support, and the errors on a machine without TensorRT."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from engines import deps, onnx_support
+from engines.buffers import cache_bytes, step_buffers, tensor_bytes
+from engines.build import build_engines, check_options, network_flags, reusable_timing_cache
+from engines.engine_manifest import (
+    ENGINES_MANIFEST,
+    TIMING_CACHE,
+    EngineEntry,
+    EngineManifest,
+    Environment,
+    environment_difference,
+    incompatibility,
+    io_mismatch,
+    read_engine_manifest,
+)
+from engines.profiles import Limits, Profile, TensorRange, graph_profiles, transformer_profile_index
+from engines.roofline import decode_step_bound, embedding_weight_count, peak_bandwidth, streamed_weight_count
+from engines.runtime import load_trt_backend, probe_trt_backend
+from engines.select import choose_backend
+from taming_deploy.bundle import GraphFile, Manifest, TensorSpec
+from taming_deploy.errors import UserError
+from taming_deploy.spec import ConditionSpec, ModelSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+SPEC = ModelSpec(
+    downsample_factor=16, image_codebook_size=1024, vocab_size=1024, block_size=512, n_layer=4, n_head=8,
+    n_embd=256, condition=ConditionSpec("segmentation", codebook_size=1024, n_labels=182), window=(16, 16),
+)
+
+
+def graph_file(name: str, precision: str, sha: str = "a" * 64) -> GraphFile:
+    """A manifest entry with the I/O of export/graphs.py."""
+    t = lambda n, dtype, shape: TensorSpec(n, dtype, shape)  # noqa: E731
+    f = "float16" if precision == "fp16" else "float32"
+    cache = (SPEC.n_layer, 2, "batch", SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+    io = {
+        "encoder": ([t("image", "float32", ("batch", 3, "height", "width"))],
+                    [t("indices", "int64", ("batch", "latent_height", "latent_width"))]),
+        "decoder": ([t("indices", "int64", ("batch", "latent_height", "latent_width"))],
+                    [t("image", "float32", ("batch", 3, "height", "width"))]),
+        "cond_encoder": ([t("labels", "int64", ("batch", "height", "width"))],
+                         [t("indices", "int64", ("batch", "latent_height", "latent_width"))]),
+        "transformer": ([t("tokens", "int64", ("batch", "tokens")), t("position", "int64", ()), t("cache", f, cache)],
+                        [t("logits", "float32", ("batch", SPEC.vocab_size)), t("new_cache", f, cache)]),
+    }[name]
+    suffix = ".fp16" if precision == "fp16" else ""
+    return GraphFile(f"{name}{suffix}.onnx", sha, precision, tuple(io[0]), tuple(io[1]))
+
+
+def bundle_manifest(sha: str = "a" * 64) -> Manifest:
+    names = ("encoder", "decoder", "cond_encoder", "transformer")
+    return Manifest(SPEC, {n: {p: graph_file(n, p, sha) for p in ("fp32", "fp16")} for n in names})
+
+
+def write_bundle(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps(bundle_manifest().to_dict()))
+    return path
+
+
+ENV = Environment("10.9.0.34", "NVIDIA A10", (8, 6))
+
+
+def engine_manifest(bundle: Manifest, env: Environment = ENV, precision: str = "fp16") -> EngineManifest:
+    limits = Limits((512, 512), 2)
+    entries = {
+        name: EngineEntry(f"{name}.plan", "b" * 64, by_p[precision].file, by_p[precision].sha256,
+                          tuple(graph_profiles(name, by_p[precision], bundle.model, limits)))
+        for name, by_p in bundle.graphs.items()
+    }
+    return EngineManifest(env, precision, entries, build={"max_batch": 2})
+
+
+# -- profiles -----------------------------------------------------------------------------------
+
+
+def test_image_graph_profiles_follow_the_limits():
+    (profile,) = graph_profiles("encoder", graph_file("encoder", "fp16"), SPEC, Limits((1024, 512), 4))
+    assert profile.name == "images"
+    assert profile.shapes == {"image": TensorRange((1, 3, 16, 16), (1, 3, 256, 256), (4, 3, 512, 1024))}
+    (profile,) = graph_profiles("decoder", graph_file("decoder", "fp16"), SPEC, Limits((1024, 512), 4))
+    assert profile.shapes["indices"] == TensorRange((1, 1, 1), (1, 16, 16), (4, 32, 64))
+
+
+def test_optimum_image_size_is_clipped_to_the_maximum():
+    (profile,) = graph_profiles("cond_encoder", graph_file("cond_encoder", "fp16"), SPEC, Limits((128, 64), 1))
+    assert profile.shapes["labels"].opt == (1, 64, 128)
+
+
+def test_transformer_gets_a_prefill_and_a_decode_profile():
+    profiles = graph_profiles("transformer", graph_file("transformer", "fp16"), SPEC, Limits(max_batch=3))
+    assert [p.name for p in profiles] == ["prefill", "decode"]
+    prefill, decode = profiles
+    assert set(prefill.shapes) == {"tokens", "cache"}  # the 0-d position is static: no profile entry
+    assert prefill.shapes["tokens"] == TensorRange((1, 1), (1, 512), (3, 512))
+    assert decode.shapes["tokens"] == TensorRange((1, 1), (1, 1), (3, 1))
+    assert decode.shapes["cache"] == TensorRange((4, 2, 1, 8, 512, 32), (4, 2, 1, 8, 512, 32), (4, 2, 3, 8, 512, 32))
+    assert transformer_profile_index(profiles, 1) == 1
+    assert transformer_profile_index(profiles, 7) == 0
+
+
+@pytest.mark.parametrize("limits, message", [
+    (Limits((1000, 512), 1), "multiple of the model's downsampling factor 16"),
+    (Limits((8, 512), 1), "multiple"),
+    (Limits((512, 512), 0), "--max-batch"),
+])
+def test_bad_limits_are_user_errors(limits, message):
+    with pytest.raises(UserError, match=message):
+        graph_profiles("encoder", graph_file("encoder", "fp32"), SPEC, limits)
+
+
+def test_unknown_axis_name_is_a_user_error():
+    graph = GraphFile("x.onnx", "0", "fp32", (TensorSpec("image", "float32", ("batch", 3, "rows", "cols")),), ())
+    with pytest.raises(UserError, match="'rows'"):
+        graph_profiles("encoder", graph, SPEC, Limits())
+
+
+def test_profile_violation_names_the_input_and_the_option():
+    (profile,) = graph_profiles("encoder", graph_file("encoder", "fp16"), SPEC, Limits((512, 512), 2))
+    assert profile.violation({"image": (2, 3, 512, 256)}) is None
+    too_big = profile.violation({"image": (1, 3, 528, 256)})
+    assert too_big is not None and "'image'" in too_big and "--max-size" in too_big
+    assert profile.violation({"image": (3, 3, 64, 64)}) is not None
+    assert profile.violation({"image": (1, 64, 64)}) is not None  # wrong rank
+
+
+def test_profile_round_trips_through_json():
+    profiles = graph_profiles("transformer", graph_file("transformer", "fp16"), SPEC, Limits())
+    assert [Profile.from_dict(json.loads(json.dumps(p.to_dict()))) for p in profiles] == profiles
+
+
+# -- engines.json -------------------------------------------------------------------------------
+
+
+def test_engine_manifest_round_trips_and_matches_its_bundle(tmp_path):
+    bundle = bundle_manifest()
+    manifest = engine_manifest(bundle)
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / ENGINES_MANIFEST).write_text(json.dumps(manifest.to_dict()))
+    loaded = read_engine_manifest(tmp_path)
+    assert loaded == manifest
+    assert incompatibility(loaded, ENV, bundle) is None
+
+
+@pytest.mark.parametrize("current, expected", [
+    (Environment("10.10.0.31", "NVIDIA A10", (8, 6)), "TensorRT 10.9.0.34, this is TensorRT 10.10.0.31"),
+    (Environment("10.9.0.34", "NVIDIA L4", (8, 9)), "built for NVIDIA A10 (compute capability 8.6), this GPU is NVIDIA L4 (8.9)"),
+    (Environment("10.9.0.34", "NVIDIA A10G", (8, 6)), "NVIDIA A10G"),
+])
+def test_engines_from_another_tensorrt_or_gpu_are_incompatible(current, expected):
+    reason = incompatibility(engine_manifest(bundle_manifest()), current, bundle_manifest())
+    assert reason is not None and expected in reason
+    assert environment_difference(ENV, current) == reason
+
+
+def test_engines_from_other_graphs_are_incompatible():
+    reason = incompatibility(engine_manifest(bundle_manifest()), ENV, bundle_manifest(sha="c" * 64))
+    assert reason is not None and "encoder" in reason and "exported again" in reason
+
+
+def test_a_missing_engine_or_precision_is_incompatible():
+    bundle = bundle_manifest()
+    manifest = engine_manifest(bundle)
+    del manifest.engines["cond_encoder"]
+    assert incompatibility(manifest, ENV, bundle) == "there is no cond_encoder engine"
+    fp32_only = Manifest(SPEC, {n: {"fp32": g["fp32"]} for n, g in bundle.graphs.items()})
+    reason = incompatibility(engine_manifest(bundle), ENV, fp32_only)
+    assert reason is not None and "no fp16 graphs" in reason
+
+
+def test_engine_manifest_errors_say_what_to_do(tmp_path):
+    with pytest.raises(UserError, match="no TensorRT engines.*taming-deploy build"):
+        read_engine_manifest(tmp_path)
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / ENGINES_MANIFEST).write_text("{not json")
+    with pytest.raises(UserError, match="unreadable"):
+        read_engine_manifest(tmp_path)
+    (tmp_path / "engines" / ENGINES_MANIFEST).write_text(json.dumps({"format": "taming-deploy-engines", "format_version": 1}))
+    with pytest.raises(UserError, match="malformed"):
+        read_engine_manifest(tmp_path)
+
+
+def test_io_mismatch_compares_names_directions_and_dtypes():
+    graph = graph_file("transformer", "fp16")
+    good = [("tokens", True, "int64"), ("position", True, "int64"), ("cache", True, "float16"),
+            ("logits", False, "float32"), ("new_cache", False, "float16")]
+    assert io_mismatch(good, graph) is None
+    assert io_mismatch(list(reversed(good)), graph) is None  # engine tensor order is TensorRT's
+    assert io_mismatch([*good[:2], ("cache", True, "float32"), *good[3:]], graph) is not None
+    assert io_mismatch(good[:-1], graph) is not None
+
+
+def test_timing_cache_is_reused_only_from_the_same_tensorrt_and_gpu(tmp_path):
+    assert reusable_timing_cache(tmp_path, ENV) == b""
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / TIMING_CACHE).write_bytes(b"timings")
+    assert reusable_timing_cache(tmp_path, ENV) == b""  # no engines.json: unknown origin
+    (engines / ENGINES_MANIFEST).write_text(json.dumps(engine_manifest(bundle_manifest()).to_dict()))
+    assert reusable_timing_cache(tmp_path, ENV) == b"timings"
+    assert reusable_timing_cache(tmp_path, Environment("11.0.0.1", "NVIDIA A10", (8, 6))) == b""
+
+
+# -- buffers and the bandwidth bound ------------------------------------------------------------
+
+
+def test_buffer_sizes():
+    assert tensor_bytes((2, 3), "float16") == 12
+    assert tensor_bytes((), np.int64) == 8
+    with pytest.raises(ValueError):
+        tensor_bytes((-1, 3), "float32")
+    assert cache_bytes(SPEC, 2, "float16") == 4 * 2 * 2 * 8 * 512 * 32 * 2
+    sizes = step_buffers(SPEC, 3, "float16", "float32")
+    assert sizes == {"tokens": 3 * 512 * 8, "position": 8, "logits": 3 * 1024 * 4,
+                     "cache": cache_bytes(SPEC, 3, "float16"), "new_cache": cache_bytes(SPEC, 3, "float16")}
+
+
+def test_weight_counts_match_the_pytorch_model():
+    torch = pytest.importorskip("torch", reason="the parameter count is checked against the PyTorch GPT")
+    from training.models.gpt import GPT, GPTConfig
+
+    spec = ModelSpec(4, 32, 40, 24, 2, 2, 16, ConditionSpec("unconditional"))
+    gpt = GPT(GPTConfig(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=16))
+    with torch.no_grad():
+        total = sum(p.numel() for p in gpt.parameters())
+    assert streamed_weight_count(spec) + embedding_weight_count(spec) == total
+    assert embedding_weight_count(spec) == gpt.tok_emb.weight.numel() + gpt.pos_emb.numel()
+
+
+def test_decode_step_bound():
+    assert peak_bandwidth(1_000_000, 256) == 64e9  # 1 GHz x 2 transfers x 32 bytes
+    bound = decode_step_bound(SPEC, 1, np.float16, np.float16, 100e9)
+    assert bound.weight_bytes == streamed_weight_count(SPEC) * 2
+    assert bound.cache_bytes == 2 * cache_bytes(SPEC, 1, np.float16)
+    assert bound.seconds == pytest.approx((bound.weight_bytes + bound.cache_bytes) / 100e9)
+
+
+# -- backend choice -----------------------------------------------------------------------------
+
+
+def test_auto_prefers_tensorrt_and_explains_a_fallback():
+    assert choose_backend("auto", "bundle", None).backend == "trt"
+    fallback = choose_backend("auto", "bundle", "no TensorRT engines in b/engines")
+    assert fallback.backend == "ort"
+    assert "ONNX Runtime" in fallback.note and "no TensorRT engines in b/engines" in fallback.note
+    assert choose_backend("auto", "checkpoint", "irrelevant").backend == "torch"
+
+
+def test_explicit_backends():
+    assert choose_backend("ort", "bundle", "whatever").backend == "ort"
+    assert choose_backend("torch", "checkpoint", None).backend == "torch"
+    assert choose_backend("trt", "bundle", None).backend == "trt"
+    with pytest.raises(UserError, match="TensorRT is not installed"):
+        choose_backend("trt", "bundle", "TensorRT is not installed")
+    with pytest.raises(UserError, match="exported bundle"):
+        choose_backend("trt", "checkpoint", None)
+
+
+# -- ONNX op support ----------------------------------------------------------------------------
+
+
+def model(nodes, opset=21, functions=()):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], functions=list(functions))
+
+
+def test_supported_ops_pass_and_unsupported_ones_are_listed():
+    ok = model([helper.make_node("Gelu", ["x"], ["a"]), helper.make_node("GroupNormalization", ["a", "s", "b"], ["y"], num_groups=1)])
+    assert onnx_support.unsupported_ops(ok) == []
+    bad = model([helper.make_node("Unique", ["x"], ["a"]), helper.make_node("Det", ["a"], ["b"]),
+                 helper.make_node("Gelu", ["b"], ["c"], domain="com.microsoft"), helper.make_node("Unique", ["c"], ["y"])])
+    assert onnx_support.unsupported_ops(bad) == ["Det", "Unique", "com.microsoft::Gelu"]
+
+
+def test_subgraphs_and_local_functions_are_searched():
+    branch = helper.make_graph([helper.make_node("StringSplit", ["x"], ["z"])], "then", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])])
+    function = helper.make_function("local", "Block", ["i"], ["o"], [helper.make_node("Col2Im", ["i"], ["o"])],
+                                    [helper.make_opsetid("", 21)])
+    m = model([helper.make_node("If", ["x"], ["a"], then_branch=branch, else_branch=branch),
+               helper.make_node("Block", ["a"], ["y"], domain="local")], functions=[function])
+    assert onnx_support.unsupported_ops(m) == ["Col2Im", "StringSplit"]
+
+
+def test_opset_range():
+    assert onnx_support.opset_problem(model([], opset=21)) is None
+    assert "opset 25" in onnx_support.opset_problem(model([], opset=25))
+    assert "opset 8" in onnx_support.opset_problem(model([], opset=8))
+    no_default = helper.make_model(helper.make_graph([], "g", [], []), opset_imports=[helper.make_opsetid("x", 1)])
+    assert onnx_support.opset_problem(no_default) is not None
+
+
+def test_every_op_the_exporter_emits_is_supported():
+    """The op types of the current exporter (issue 5's inventory of the four graphs)."""
+    emitted = ("Conv GroupNormalization Reshape Sigmoid Mul Add Transpose MatMul Softmax Shape Concat Squeeze Div Pow "
+               "ReduceSum Sub ArgMin Gather Unsqueeze Where LayerNormalization Clip Range GreaterOrEqual Less And "
+               "LessOrEqual Not Gelu Gemm Equal Cast Resize").split()
+    assert set(emitted) <= onnx_support.SUPPORTED_OPS
+
+
+@pytest.mark.slow
+def test_exported_graphs_parse_as_far_as_the_op_table_tells(reference_model, tmp_path):
+    from export.graphs import graph_defs
+    from export.onnx_export import export_graph
+
+    for graph in graph_defs(reference_model):
+        if graph.name in ("encoder", "decoder"):
+            continue  # to save time: the condition encoder has the encoder's ops; the decoder adds only Resize
+        exported = export_graph(graph, tmp_path / f"{graph.name}.onnx")
+        assert onnx_support.opset_problem(exported) is None
+        assert onnx_support.unsupported_ops(exported) == [], graph.name
+
+
+# -- without TensorRT ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+
+
+def test_build_without_tensorrt_names_it_and_the_install_command(no_tensorrt, tmp_path):
+    with pytest.raises(UserError) as info:
+        build_engines(write_bundle(tmp_path / "bundle"))
+    message = str(info.value)
+    assert "TensorRT" in message and "pip install 'taming-deploy[gpu]'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("version, ok", [("8.6.1", False), ("10.8.0.43", False), ("10.9.0.34", True), ("11.4.0.106", True)])
+def test_tensorrt_version_floor(monkeypatch, version, ok):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    if ok:
+        assert deps.tensorrt().__version__ == version
+    else:
+        with pytest.raises(UserError, match=f"TensorRT {version} is too old.*>= 10.9"):
+            deps.tensorrt()
+
+
+def test_strongly_typed_flag_only_where_tensorrt_has_it():
+    enum = types.SimpleNamespace(STRONGLY_TYPED=5)
+    assert network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=enum)) == 1 << 5
+    assert network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0
+
+
+@pytest.mark.parametrize("args, message", [(("fp8", 4.0, 3), "--precision"), (("fp16", 0, 3), "--workspace"),
+                                           (("fp16", 4.0, 6), "--opt-level")])
+def test_build_options_are_checked(args, message):
+    with pytest.raises(UserError, match=message):
+        check_options(*args)
+
+
+def test_loading_without_engines_says_to_build_them(tmp_path):
+    bundle = write_bundle(tmp_path / "bundle")
+    with pytest.raises(UserError, match="no TensorRT engines.*taming-deploy build"):
+        load_trt_backend(bundle)
+    backend, reason = probe_trt_backend(bundle)
+    assert backend is None and "no TensorRT engines" in reason
+
+
+def test_loading_engines_without_tensorrt_says_to_install_it(no_tensorrt, tmp_path):
+    bundle = write_bundle(tmp_path / "bundle")
+    (bundle / "engines").mkdir()
+    (bundle / "engines" / ENGINES_MANIFEST).write_text(json.dumps(engine_manifest(bundle_manifest()).to_dict()))
+    backend, reason = probe_trt_backend(bundle)
+    assert backend is None and "TensorRT is not installed" in reason
+    assert "pip install 'taming-deploy[gpu]'" in choose_backend("auto", "bundle", reason).note
+
+
+def test_cuda_status_is_checked():
+    rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    from engines import cuda
+
+    assert cuda.check((rt.cudaError_t.cudaSuccess, 7), "cudaX") == 7
+    assert cuda.check((rt.cudaError_t.cudaSuccess,), "cudaX") is None
+    with pytest.raises(cuda.CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
+        cuda.check((rt.cudaError_t.cudaErrorMemoryAllocation, None), "cudaMalloc")
+
+
+def gpu_present() -> bool:
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        return False
+    status, count = runtime.cudaGetDeviceCount()
+    return status == runtime.cudaError_t.cudaSuccess and count > 0
+
+
+@pytest.mark.skipif(gpu_present(), reason="checks the message on machines without a GPU")
+def test_gpu_benchmark_without_a_gpu_fails_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_benchmark.py"), str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the GPU benchmark needs an NVIDIA GPU")
