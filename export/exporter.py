@@ -7,8 +7,8 @@ failed export never leaves half a bundle and never damages an existing one.
 """
 from __future__ import annotations
 
-import json
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,33 +19,20 @@ import torch
 
 import taming_deploy
 from engines.onnx_support import unsupported_ops
+from export.fp16 import Fp16IoRangeError, to_mixed_precision
 from export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token_sequences
 from export.graphs import graph_defs
 from export.onnx_export import OPSET, export_graph
-from export.validate import Check, check_fp16, check_fp32
+from export.validate import Check, check_fp16, check_fp32, emulated_fp16_backend
 from taming_deploy.backends.ort_backend import OrtBackend
-from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest, TensorSpec
+from export.graph_files import graph_entry, write_manifest
+from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest
 from taming_deploy.errors import UserError
-from taming_deploy.fileutil import atomic_directory, sha256_file
-from taming_deploy.model_paths import BUNDLE_MANIFEST
+from taming_deploy.fileutil import atomic_directory
 from training.checkpoint import load_model
 from training.models.net2net import TamingModel
 
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
 VALIDATION_STEPS = 48  # single cached steps checked per sequence after the prefill
-
-
-def tensor_specs(values) -> tuple[TensorSpec, ...]:
-    return tuple(
-        TensorSpec(v.name, ONNX_DTYPES[v.type.tensor_type.elem_type],
-                   tuple(d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim))
-        for v in values
-    )
-
-
-def graph_entry(path: Path, precision: str) -> GraphFile:
-    model = onnx.load(str(path), load_external_data=False)
-    return GraphFile(path.name, sha256_file(path), precision, tensor_specs(model.graph.input), tensor_specs(model.graph.output))
 
 
 def structural_checks(path: Path, graph: str, precision: str) -> list[Check]:
@@ -89,6 +76,17 @@ def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> d
     return feeds
 
 
+def mixed_precision_graph(name: str, exported: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], echo: Callable[[str], None]):
+    """The fp16 variant; the transformer's cache is fp16 too unless its values leave fp16's safe range."""
+    if name != "transformer":
+        return to_mixed_precision(exported, feeds)
+    try:
+        return to_mixed_precision(exported, feeds, fp16_io=("cache", "new_cache"))
+    except Fp16IoRangeError as exc:
+        echo(f"transformer: keeping the KV cache in fp32 ({exc})")
+        return to_mixed_precision(exported, feeds)
+
+
 def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
     rows = [("graph", "precision", "check", "value", "threshold", "ok")]
     for c in checks:
@@ -125,10 +123,7 @@ def export_bundle(
             graphs[g.name] = {"fp32": graph_entry(path, "fp32")}
             checks += structural_checks(path, g.name, "fp32")
             if fp16:
-                from export.fp16 import to_mixed_precision
-
-                fp16_io = ("cache", "new_cache") if g.name == "transformer" else ()
-                mixed, report = to_mixed_precision(exported, feeds[g.name], fp16_io=fp16_io)
+                mixed, report = mixed_precision_graph(g.name, exported, feeds[g.name], echo)
                 path16 = tmp / f"{g.name}.fp16.onnx"
                 onnx.save_model(mixed, str(path16))
                 graphs[g.name]["fp16"] = graph_entry(path16, "fp16")
@@ -142,15 +137,16 @@ def export_bundle(
             "opset": OPSET,
             "python": platform.python_version(),
         }
-        manifest = Manifest(model=spec, graphs=graphs, producer=producer, format_version=BUNDLE_VERSION)
-        (tmp / BUNDLE_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+        write_manifest(tmp, Manifest(model=spec, graphs=graphs, producer=producer, format_version=BUNDLE_VERSION))
         echo("validating ...")
         ort32 = OrtBackend(tmp, "fp32")
         rng = np.random.default_rng(1)
         random_sequences = rng.integers(0, spec.vocab_size, size=(2, min(spec.block_size, 2 * VALIDATION_STEPS)))
         checks += list(check_fp32(model, ort32, calib, random_sequences, VALIDATION_STEPS))
         if fp16:
-            checks += list(check_fp16(model, ort32, OrtBackend(tmp, "fp16"), calib, VALIDATION_STEPS))
+            with tempfile.TemporaryDirectory() as workdir:
+                emulated = emulated_fp16_backend(tmp, Path(workdir))
+                checks += list(check_fp16(model, ort32, emulated, calib, VALIDATION_STEPS))
         print_table(checks, echo)
         validation = {
             "calibration": {"source": calibration, "images": len(calib), "size": list(calib.images.shape[2:])},
@@ -159,7 +155,7 @@ def export_bundle(
             "seconds": round(time.perf_counter() - started, 1),
         }
         manifest = Manifest(model=spec, graphs=graphs, producer=producer, validation=validation, format_version=BUNDLE_VERSION)
-        (tmp / BUNDLE_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+        write_manifest(tmp, manifest)
         failed = [c for c in checks if not c.passed]
         if failed:
             raise UserError(

@@ -112,7 +112,7 @@ def generate(
         raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
     if cond is not None and class_id is not None:
         raise UserError("pass either --cond or --class-id, not both")
-    pipeline = Pipeline.load(model, backend)  # type: ignore[arg-type]
+    pipeline = Pipeline.load(model, backend, note=lambda text: typer.echo(text, err=True))  # type: ignore[arg-type]
     if backend == "auto":
         typer.echo(f"backend: {pipeline.backend.name}", err=True)
     condition = cond if cond is not None else class_id
@@ -181,6 +181,56 @@ def info(path: Annotated[Path, typer.Argument(help="A bundle or a checkpoint dir
 
     for line in describe(path):
         typer.echo(line)
+
+
+@app.command()
+@user_errors_exit
+def train(
+    stage: Annotated[str, typer.Argument(help="vqgan, cond or transformer")],
+    config: Annotated[Path, typer.Option(help="Training config (YAML)")],
+    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics.jsonl, tensorboard/)")],
+    data: Annotated[str, typer.Option(help="Folder (images/ + labels/), list file, or synthetic:landscapes")] = "synthetic:landscapes",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
+    steps: Annotated[Optional[int], typer.Option(help="Override train.steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Override train.batch_size (per process)")] = None,
+    first_stage: Annotated[Optional[Path], typer.Option(help="transformer: trained VQGAN checkpoint")] = None,
+    cond_stage: Annotated[Optional[Path], typer.Option(help="transformer: trained condition checkpoint")] = None,
+) -> None:
+    """Train one stage; run under `torchrun --nproc_per_node N` for data-parallel training."""
+    if stage not in ("vqgan", "cond", "transformer"):
+        raise UserError(f"stage must be vqgan, cond or transformer, got {stage!r}")
+    try:
+        from training.train import train as run
+        from training.train_config import load_train_config
+    except ImportError as exc:
+        raise UserError(f"training needs the train extra ({exc.name} is missing): pip install 'taming-deploy[train]'") from None
+    cfg = load_train_config(config, stage, {"steps": steps, "batch_size": batch_size})
+    cfg.first_stage = first_stage or cfg.first_stage
+    cfg.cond_stage = cond_stage or cfg.cond_stage
+    final = run(cfg, data, out, resume=resume, echo=typer.echo)
+    typer.echo(f"finished: {final}")
+
+
+@app.command()
+@user_errors_exit
+def build(
+    bundle: Annotated[Path, typer.Argument(help="Exported bundle directory")],
+    precision: Annotated[str, typer.Option(help="fp16 (the bundle's fp16 graphs) or fp32")] = "fp16",
+    max_size: Annotated[str, typer.Option(help="Largest image the engines accept, WxH pixels")] = "1024x1024",
+    max_batch: Annotated[int, typer.Option(help="Largest batch (-n) the engines accept")] = 4,
+    workspace_gib: Annotated[float, typer.Option(help="TensorRT workspace memory limit (GiB)")] = 4.0,
+    opt_level: Annotated[int, typer.Option(help="TensorRT builder optimisation level (0-5)")] = 3,
+) -> None:
+    """Build TensorRT engines for this machine's GPU from a bundle (kept in BUNDLE/engines)."""
+    from engines import build_engines
+
+    if precision not in ("fp16", "fp32"):
+        raise UserError(f"--precision must be fp16 or fp32, got {precision!r}")
+    size = parse_size(max_size)
+    assert size is not None
+    out = build_engines(bundle, precision=precision, max_size=size, max_batch=max_batch, workspace_gib=workspace_gib,
+                        opt_level=opt_level, log=typer.echo)
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ def safetensors_header(path: Path) -> dict:
 def parameter_counts(path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for name, entry in safetensors_header(path).items():
-        if name == "__metadata__":
-            continue
+        if name == "__metadata__" or name.endswith((".attn.mask", ".colorize")):
+            continue  # buffers, not parameters
         size = 1
         for dim in entry["shape"]:
             size *= dim

@@ -51,9 +51,10 @@ class Pipeline:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: Path | str | None = None, backend: BackendName = "auto") -> "Pipeline":
-        """``path``: an exported bundle or a project checkpoint; None: the embedded default model."""
-        return cls(load_backend(path, backend))
+    def load(cls, path: Path | str | None = None, backend: BackendName = "auto", **backend_options) -> "Pipeline":
+        """``path``: an exported bundle or a project checkpoint; None: the embedded default model.
+        ``backend_options`` (e.g. ``note``) go to ``taming_deploy.backends.load_backend``."""
+        return cls(load_backend(path, backend, **backend_options))
 
     def condition_tokens(self, cond: Condition, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
         """A user's condition -> (condition tokens (1, h, w) or (1, 1), latent grid (h, w)).

@@ -18,18 +18,22 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:,.1f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
 
 
-ProgressCallback = Callable[[int, int], None]  # (done, total)
+ProgressCallback = Callable[..., None]  # (done, total, info="")
 
 
 @contextlib.contextmanager
 def progress_bar(description: str, unit: str, enabled: bool | None = None) -> Iterator[ProgressCallback]:
-    """Yield ``update(done, total)``; draws a bar with rate and ETA when stdout is a terminal (or ``enabled``)."""
+    """Yield ``update(done, total, info="")``; draws a bar with rate, ETA and ``info`` (e.g. the loss)
+    when stdout is a terminal (or ``enabled``)."""
     if enabled is None:
         enabled = sys.stdout.isatty()
     if not enabled:
-        yield lambda done, total: None
+        yield lambda done, total, info="": None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(description, total=None)
-        yield lambda done, total: progress.update(task, completed=done, total=total)
+        task = progress.add_task(description, total=None, info="")
+        yield lambda done, total, info="": progress.update(task, completed=done, total=total, info=info)

@@ -1,6 +1,8 @@
 """Choosing and loading a backend for a model path (project checkpoint or exported bundle)."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +11,7 @@ from taming_deploy.errors import UserError
 from taming_deploy.model_paths import DEFAULT_MODEL, is_bundle, is_checkpoint
 
 BackendName = Literal["auto", "torch", "ort", "trt"]
+log = logging.getLogger("taming_deploy")
 
 
 def load_torch(path: Path) -> Backend:
@@ -18,7 +21,7 @@ def load_torch(path: Path) -> Backend:
         from taming_deploy.backends.torch_backend import TorchBackend
     except ImportError:
         raise UserError("the torch backend needs PyTorch: pip install 'taming-deploy[train]'") from None
-    return TorchBackend(path)
+    return TorchBackend.load(path)
 
 
 def load_ort(path: Path) -> Backend:
@@ -30,13 +33,20 @@ def load_ort(path: Path) -> Backend:
     return OrtBackend(path)
 
 
-def load_backend(path: Path | str | None, backend: BackendName = "auto") -> Backend:
-    """``auto``: a checkpoint runs on torch; a bundle on ONNX Runtime."""
+def load_backend(path: Path | str | None, backend: BackendName = "auto", note: Callable[[str], None] = log.info) -> Backend:
+    """``auto``: a checkpoint runs on torch; a bundle on its TensorRT engines when they load here,
+    else on ONNX Runtime (``note`` is told why)."""
+    from engines import choose_backend, probe_trt_backend
+
     path = DEFAULT_MODEL if path is None else Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such model (expected an exported bundle or a taming-deploy checkpoint)")
-    if backend == "torch" or (backend == "auto" and is_checkpoint(path) and not is_bundle(path)):
-        return load_torch(path)
-    if backend in ("ort", "auto"):
-        return load_ort(path)
-    raise UserError(f"{path}: backend {backend!r} is not available")
+    kind = "checkpoint" if is_checkpoint(path) and not is_bundle(path) else "bundle"
+    trt_backend, failure = probe_trt_backend(path) if kind == "bundle" and backend in ("auto", "trt") else (None, None)
+    choice = choose_backend(backend, kind, failure)
+    if choice.note:
+        note(choice.note)
+    if choice.backend == "trt":
+        assert trt_backend is not None
+        return trt_backend
+    return load_torch(path) if choice.backend == "torch" else load_ort(path)

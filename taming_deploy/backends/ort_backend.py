@@ -104,4 +104,4 @@ class OrtBackend:
         binding.bind_ortvalue_output("new_cache", cache.spare)
         session.run_with_iobinding(binding)
         cache.current, cache.spare = cache.spare, cache.current
-        return cache.logits.numpy()
+        return cache.logits.numpy().copy()  # numpy() is a view of the buffer the next step overwrites

@@ -12,15 +12,20 @@ import torch
 
 from taming_deploy.spec import ModelSpec
 from training.checkpoint import load_model
+from training.models.net2net import TamingModel
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, checkpoint_dir: Path, device: str = "cpu"):
-        self.model = load_model(Path(checkpoint_dir), device=device)
-        self.spec: ModelSpec = self.model.config.spec()
+    def __init__(self, model: TamingModel, device: str | torch.device = "cpu"):
+        self.model = model
+        self.spec: ModelSpec = model.config.spec()
         self.device = device
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path, device: str = "cpu") -> "TorchBackend":
+        return cls(load_model(Path(checkpoint_dir), device=device), device)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

@@ -111,9 +111,13 @@ class VQLPIPSWithDiscriminator(nn.Module):
         else:
             p_loss = torch.zeros((), device=inputs.device)
         nll_loss = torch.mean(rec_loss)
-        g_loss = -torch.mean(self.discriminator(reconstructions))
-        d_weight = adaptive_weight(nll_loss, g_loss, last_layer, cfg.disc_weight)
         disc_factor = self.disc_factor(global_step)
+        if disc_factor > 0:
+            g_loss = -torch.mean(self.discriminator(reconstructions))
+            d_weight = adaptive_weight(nll_loss, g_loss, last_layer, cfg.disc_weight)
+        else:  # before disc_start the GAN term is multiplied by 0: skip D and the two extra gradients
+            g_loss = torch.zeros((), device=inputs.device)
+            d_weight = torch.zeros((), device=inputs.device)
         codebook_loss = codebook_loss.mean()
         loss = nll_loss + d_weight * disc_factor * g_loss + cfg.codebook_weight * codebook_loss
         log = {

@@ -1,0 +1,60 @@
+"""Pieces the stages share: mixed precision, gradient accumulation under DDP, image grids."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from training.distributed import DistEnv
+
+
+def autocast(env: DistEnv, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA ('auto' or 'bf16'), nothing on CPU or with 'fp32'."""
+    if env.device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
+    if not env.distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def sync_gradients(module: nn.Module, last_micro_batch: bool) -> Iterator[None]:
+    """DDP all-reduces gradients only on the last micro-batch of an accumulated step."""
+    if isinstance(module, DistributedDataParallel) and not last_micro_batch:
+        with module.no_sync():
+            yield
+    else:
+        yield
+
+
+def average_gradients(module: nn.Module, env: DistEnv) -> None:
+    """Explicit all-reduce for a module that is not DDP-wrapped (the discriminator, which the
+    generator pass also calls, so DDP's one-forward-one-backward bookkeeping does not fit it)."""
+    if not env.distributed:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= env.world_size
+
+
+def to_device(array: np.ndarray, env: DistEnv) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(env.device, non_blocking=True)
+
+
+def image_grid(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of (N, 3, H, W) images in [-1, 1] -> one (H*rows, W*N, 3) uint8 picture."""
+    lines = []
+    for row in rows:
+        pixels = ((np.clip(row, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+        lines.append(np.concatenate(list(pixels), axis=1))
+    return np.concatenate(lines, axis=0)

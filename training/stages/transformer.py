@@ -1,0 +1,171 @@
+"""Transformer stage: cross-entropy on image tokens after the condition tokens, first stages frozen.
+
+Token maps of whole training images are computed once (``token_cache.npz`` in the run directory,
+reused on resume); each step then takes random window-sized crops of (condition, image) token maps,
+which is what the sliding-window sampler shows the transformer at generation time.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from taming_deploy.backends.torch_backend import TorchBackend
+from taming_deploy.errors import UserError
+from taming_deploy.model_paths import CHECKPOINT_WEIGHTS
+from taming_deploy.sampler import sample_tokens
+from taming_deploy.sampling import SamplingOptions
+from training.checkpoint import load_model
+from training.config import ModelConfig
+from training.data.sources import Source
+from training.distributed import DistEnv, barrier
+from training.models.gpt import GPTConfig
+from training.models.net2net import TamingModel
+from training.stages.common import autocast, image_grid, sync_gradients, to_device, wrap_ddp
+from training.stages.cond import label_pictures
+from training.train_config import TrainConfig
+
+TOKEN_CACHE = "token_cache.npz"
+ENCODE_BATCH = 16
+VALIDATION_MAPS = 8
+
+
+@dataclass
+class TokenMaps:
+    condition: np.ndarray  # (N, h, w) int64
+    image: np.ndarray  # (N, h, w) int64
+
+
+def linear_weight_names(model: torch.nn.Module) -> set[str]:
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of ``base``: a pure function of the step (resume-safe)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def encode_maps(model: TamingModel, images: np.ndarray, labels: np.ndarray, device: torch.device) -> TokenMaps:
+    conds, tokens = [], []
+    for k in range(0, len(images), ENCODE_BATCH):
+        tokens.append(model.first_stage_model.encode(torch.from_numpy(images[k : k + ENCODE_BATCH]).to(device)).indices.cpu())
+        conds.append(model.cond_stage_model.condition_tokens(torch.from_numpy(labels[k : k + ENCODE_BATCH]).to(device)).cpu())
+    return TokenMaps(torch.cat(conds).numpy(), torch.cat(tokens).numpy())
+
+
+class TransformerStage:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, source: Source, run_dir: Path):
+        self.cfg, self.env, self.source = cfg, env, source
+        assert cfg.first_stage is not None and cfg.cond_stage is not None
+        first, cond = load_model(cfg.first_stage), load_model(cfg.cond_stage)
+        if first.config.first_stage is None:
+            raise UserError(f"{cfg.first_stage}: no first stage in this checkpoint")
+        if cond.config.condition is None or not cond.config.condition.spatial:
+            raise UserError(f"{cfg.cond_stage}: no segmentation/depth condition stage in this checkpoint")
+        self.config = ModelConfig(
+            first_stage=first.config.first_stage,
+            condition=cond.config.condition,
+            condition_autoencoder=cond.config.condition_autoencoder,
+            transformer=GPTConfig(**cfg.model),
+            window=cfg.window,
+            pkeep=cfg.pkeep,
+        )
+        self.model = TamingModel(self.config)
+        self.model.first_stage_model.load_state_dict(first.first_stage_model.state_dict())
+        self.model.cond_stage_model.load_state_dict(cond.cond_stage_model.state_dict())
+        self.model.to(env.device)
+        for frozen in (self.model.first_stage_model, self.model.cond_stage_model):
+            frozen.eval().requires_grad_(False)
+        self.model_ddp = wrap_ddp(self.model, env)
+        decay_names = linear_weight_names(self.model.transformer)
+        params = dict(self.model.transformer.named_parameters())
+        groups = [
+            {"params": [p for n, p in params.items() if n in decay_names], "weight_decay": cfg.train.weight_decay},
+            {"params": [p for n, p in params.items() if n not in decay_names], "weight_decay": 0.0},
+        ]
+        self.optimizers = {"transformer": torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))}
+        self.maps = self.token_maps(run_dir, [cfg.first_stage, cfg.cond_stage])
+        validation = source.validation(VALIDATION_MAPS, cfg.train.token_cache_size)
+        self.validation_maps = encode_maps(self.model, validation.images, validation.labels, env.device)
+        self.validation_labels = validation.labels
+
+    def token_maps(self, run_dir: Path, checkpoints: list[Path]) -> TokenMaps:
+        """Encode the training images once; reuse the file when stages and data settings match."""
+        loop = self.cfg.train
+        key = hashlib.sha256()
+        for path in checkpoints:
+            key.update((Path(path) / CHECKPOINT_WEIGHTS).read_bytes())
+        key.update(f"{loop.token_cache_images} {loop.token_cache_size} {loop.seed}".encode())
+        path = Path(run_dir) / TOKEN_CACHE
+        if self.env.is_main and not (path.exists() and str(np.load(path)["key"]) == key.hexdigest()):
+            rng = np.random.default_rng([loop.seed, 1 << 32])
+            batch = self.source.sample(rng, loop.token_cache_images, loop.token_cache_size)
+            maps = encode_maps(self.model, batch.images, batch.labels, self.env.device)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, key=key.hexdigest(), condition=maps.condition, image=maps.image)
+            tmp.replace(path)
+        barrier(self.env)
+        with np.load(path) as data:
+            return TokenMaps(data["condition"], data["image"])
+
+    def sample_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Random window crops: (B, wh*ww) condition tokens and image tokens."""
+        n, h, w = self.maps.image.shape
+        wh, ww = min(self.cfg.window[0], h), min(self.cfg.window[1], w)
+        picks = rng.integers(0, n, size=self.cfg.train.batch_size)
+        tops = rng.integers(0, h - wh + 1, size=len(picks))
+        lefts = rng.integers(0, w - ww + 1, size=len(picks))
+        crop = lambda maps: np.stack([maps[k, t : t + wh, l : l + ww].reshape(-1) for k, t, l in zip(picks, tops, lefts)])  # noqa: E731
+        return crop(self.maps.condition), crop(self.maps.image)
+
+    def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], step: int) -> dict[str, float]:
+        optimizer = self.optimizers["transformer"]
+        lr = learning_rate(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for k, (cond, image) in enumerate(micro_batches):
+            with sync_gradients(self.model_ddp, k == len(micro_batches) - 1), autocast(self.env, self.cfg.train.precision):
+                logits = self.model_ddp(to_device(cond, self.env), to_device(image, self.env))
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), to_device(image, self.env).reshape(-1))
+                (loss / len(micro_batches)).backward()
+            total += float(loss.detach()) / len(micro_batches)
+        torch.nn.utils.clip_grad_norm_(self.model.transformer.parameters(), 1.0)
+        optimizer.step()
+        return {"train/loss": total, "train/lr": lr}
+
+    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return self.model.state_dict(), {}
+
+    def restore(self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        gpt = self.model.transformer
+        gpt.eval()
+        wh, ww = self.cfg.window
+        cond = torch.from_numpy(self.validation_maps.condition[:, :wh, :ww].reshape(len(self.validation_labels), -1))
+        image = torch.from_numpy(self.validation_maps.image[:, :wh, :ww].reshape(len(self.validation_labels), -1))
+        logits = self.model(cond.to(self.env.device), image.to(self.env.device))
+        val_loss = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), image.to(self.env.device).reshape(-1)))
+        backend = TorchBackend(self.model, self.env.device)
+        shown = 4
+        f = self.config.first_stage.downsample_factor  # type: ignore[union-attr]
+        cond_grid = self.validation_maps.condition[:shown, :wh, :ww]
+        tokens, _ = sample_tokens(backend, cond_grid, (wh, ww), SamplingOptions(top_k=100), np.random.default_rng(step))
+        samples = backend.decode(tokens)
+        labels = label_pictures(self.validation_labels[:shown, : wh * f, : ww * f], self.config.condition.palette)  # type: ignore[union-attr]
+        gpt.train()
+        return {"val/loss": val_loss}, {"val/labels_samples": image_grid([labels, np.clip(samples, -1, 1)])}

@@ -1,0 +1,86 @@
+"""VQGAN first stage: L1 + LPIPS + PatchGAN hinge loss with the adaptive weight, codebook loss."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.config import ModelConfig
+from training.data.sources import Batch, Source
+from training.distributed import DistEnv
+from training.losses.vqgan_loss import VQLossConfig, VQLPIPSWithDiscriminator
+from training.models.net2net import TamingModel
+from training.models.vqgan import AutoencoderConfig
+from training.stages.common import autocast, average_gradients, image_grid, sync_gradients, to_device, wrap_ddp
+from training.train_config import TrainConfig
+
+VALIDATION_IMAGES = 8
+
+
+class VQGANStage:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, source: Source):
+        self.cfg, self.env, self.source = cfg, env, source
+        self.config = ModelConfig(first_stage=AutoencoderConfig.from_dict(cfg.model))
+        self.model = TamingModel(self.config).to(env.device)
+        self.vq = self.model.first_stage_model
+        self.loss = VQLPIPSWithDiscriminator(VQLossConfig(**cfg.loss)).to(env.device)
+        self.discriminator = self.loss.discriminator
+        self.vq_ddp = wrap_ddp(self.vq, env)
+        lr = cfg.train.lr
+        self.optimizers = {
+            "autoencoder": torch.optim.Adam(self.vq.parameters(), lr=lr, betas=(0.5, 0.9)),
+            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)),
+        }
+        self.validation = source.validation(VALIDATION_IMAGES, cfg.train.image_size)
+
+    def sample_batch(self, rng: np.random.Generator) -> Batch:
+        return self.source.sample(rng, self.cfg.train.batch_size, self.cfg.train.image_size)
+
+    def train_step(self, micro_batches: list[Batch], step: int) -> dict[str, float]:
+        opt_ae, opt_d = self.optimizers["autoencoder"], self.optimizers["discriminator"]
+        accum = len(micro_batches)
+        logs: dict[str, float] = {}
+        reconstructions = []
+        opt_ae.zero_grad(set_to_none=True)
+        for k, batch in enumerate(micro_batches):
+            x = to_device(batch.images, self.env)
+            with sync_gradients(self.vq_ddp, k == accum - 1), autocast(self.env, self.cfg.train.precision):
+                rec, latent = self.vq_ddp(x)
+                loss, log = self.loss.generator_loss(
+                    latent.codebook_loss, x, rec.float(), step, last_layer=self.vq.decoder.conv_out.weight
+                )
+                (loss / accum).backward()
+            reconstructions.append(rec.detach().float())
+            for name, value in log.items():
+                logs[name] = logs.get(name, 0.0) + float(value) / accum
+        opt_ae.step()
+        if self.loss.disc_factor(step) > 0:
+            opt_d.zero_grad(set_to_none=True)
+            for batch, rec in zip(micro_batches, reconstructions):
+                with autocast(self.env, self.cfg.train.precision):
+                    d_loss, log = self.loss.discriminator_loss(to_device(batch.images, self.env), rec, step)
+                    (d_loss / accum).backward()
+                for name, value in log.items():
+                    logs[name] = logs.get(name, 0.0) + float(value) / accum
+            average_gradients(self.discriminator, self.env)
+            opt_d.step()
+        return logs
+
+    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return self.model.state_dict(), {f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()}
+
+    def restore(self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)
+        self.discriminator.load_state_dict({k[len("discriminator.") :]: v for k, v in extra.items()})
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        self.vq.eval()
+        x = to_device(self.validation.images, self.env)
+        rec, latent = self.vq(x)
+        self.vq.train()
+        rec = rec.clamp(-1, 1)
+        mse = torch.mean((rec - x) ** 2, dim=(1, 2, 3))
+        psnr = torch.mean(10 * torch.log10(4.0 / mse.clamp_min(1e-12)))
+        used = latent.indices.unique().numel() / self.config.first_stage.n_embed  # type: ignore[union-attr]
+        scalars = {"val/psnr": float(psnr), "val/l1": float(torch.mean(torch.abs(rec - x))), "val/codebook_usage": used}
+        return scalars, {"val/inputs_reconstructions": image_grid([x[:4].cpu().numpy(), rec[:4].cpu().numpy()])}

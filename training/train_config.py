@@ -1,0 +1,85 @@
+"""Training configs (YAML): which stage, its model sizes, its loss and the loop's settings.
+
+    stage: vqgan | cond | transformer
+    model: {...}        AutoencoderConfig fields (vqgan, cond) or GPTConfig fields (transformer)
+    loss: {...}         VQLossConfig fields (vqgan) or {codebook_weight} (cond)
+    first_stage: DIR    transformer only: trained VQGAN checkpoint
+    cond_stage: DIR     transformer only: trained condition checkpoint
+    train: {...}        LoopConfig fields
+Checkpoint paths are relative to the working directory; the CLI can override them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from taming_deploy.errors import UserError
+
+STAGES = ("vqgan", "cond", "transformer")
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 10_000
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 4.5e-6
+    image_size: int = 128  # training crop, pixels
+    checkpoint_every: int = 500
+    log_every: int = 10
+    image_every: int = 1000
+    seed: int = 0
+    workers: int = 1  # data-loading processes
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    weight_decay: float = 0.01  # transformer: on Linear weights only
+    warmup_steps: int = 0
+    token_cache_images: int = 2000  # transformer: images encoded once into token maps
+    token_cache_size: int = 256  # transformer: pixel size of those images
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    model: dict
+    loss: dict = field(default_factory=dict)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    first_stage: Path | None = None
+    cond_stage: Path | None = None
+    pkeep: float = 1.0
+    window: tuple[int, int] = (16, 16)
+
+
+def known(cls, values: dict, where: str) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    return values
+
+
+def load_train_config(path: Path, stage: str, overrides: dict | None = None) -> TrainConfig:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read training config {path}: {exc}") from None
+    if doc.get("stage", stage) != stage:
+        raise UserError(f"{path} is a config for stage {doc.get('stage')!r}, not {stage!r}")
+    if "model" not in doc:
+        raise UserError(f"{path}: no model section")
+    loop = {**doc.get("train", {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    config = TrainConfig(
+        stage=stage,
+        model=doc["model"],
+        loss=doc.get("loss", {}),
+        train=LoopConfig(**known(LoopConfig, loop, f"{path}: train")),
+        first_stage=Path(doc["first_stage"]) if doc.get("first_stage") else None,
+        cond_stage=Path(doc["cond_stage"]) if doc.get("cond_stage") else None,
+        pkeep=float(doc.get("pkeep", 1.0)),
+        window=tuple(doc.get("window", (16, 16))),
+    )
+    if stage == "transformer" and (config.first_stage is None or config.cond_stage is None):
+        raise UserError(f"{path}: a transformer config names its trained first_stage and cond_stage checkpoints")
+    return config
