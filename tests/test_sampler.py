@@ -75,7 +75,7 @@ def test_sampling_frequencies_follow_temperature_scaled_softmax():
 
 @pytest.fixture(scope="module")
 def torch_backend(imported_checkpoint):
-    return TorchBackend(imported_checkpoint)
+    return TorchBackend.load(imported_checkpoint)
 
 
 @pytest.mark.parametrize("latent", [(12, 20), (18, 17)])
