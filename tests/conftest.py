@@ -48,3 +48,13 @@ def label_png(tmp_path_factory: pytest.TempPathFactory, expected: dict[str, np.n
     path = tmp_path_factory.mktemp("labels") / "labels.png"
     Image.fromarray(expected["labels"].astype(np.uint8), mode="L").save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def fixture_bundle(tmp_path_factory: pytest.TempPathFactory, imported_checkpoint: Path) -> Path:
+    """The reference checkpoint exported (fp32 + fp16, validated) once per test session."""
+    from export.exporter import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export_bundle(imported_checkpoint, out, calibration_count=4, echo=lambda line: None)
+    return out
