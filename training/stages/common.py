@@ -47,6 +47,13 @@ def average_gradients(module: nn.Module, env: DistEnv) -> None:
             p.grad /= env.world_size
 
 
+def broadcast_from_rank0(tensors: list[torch.Tensor], env: DistEnv) -> None:
+    """Make every rank hold rank 0's values (what DDP does for the modules it wraps)."""
+    if env.distributed:
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
 def to_device(array: np.ndarray, env: DistEnv) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(env.device, non_blocking=True)
 

@@ -10,7 +10,15 @@ from training.distributed import DistEnv
 from training.losses.vqgan_loss import VQLossConfig, VQLPIPSWithDiscriminator
 from training.models.net2net import TamingModel
 from training.models.vqgan import AutoencoderConfig
-from training.stages.common import autocast, average_gradients, image_grid, sync_gradients, to_device, wrap_ddp
+from training.stages.common import (
+    autocast,
+    average_gradients,
+    broadcast_from_rank0,
+    image_grid,
+    sync_gradients,
+    to_device,
+    wrap_ddp,
+)
 from training.train_config import TrainConfig
 
 VALIDATION_IMAGES = 8
@@ -24,6 +32,7 @@ class VQGANStage:
         self.vq = self.model.first_stage_model
         self.loss = VQLPIPSWithDiscriminator(VQLossConfig(**cfg.loss)).to(env.device)
         self.discriminator = self.loss.discriminator
+        broadcast_from_rank0(list(self.discriminator.state_dict().values()), env)  # DDP does this for vq_ddp
         self.vq_ddp = wrap_ddp(self.vq, env)
         lr = cfg.train.lr
         self.optimizers = {
@@ -63,6 +72,7 @@ class VQGANStage:
                     logs[name] = logs.get(name, 0.0) + float(value) / accum
             average_gradients(self.discriminator, self.env)
             opt_d.step()
+            broadcast_from_rank0(list(self.discriminator.buffers()), self.env)  # BatchNorm statistics
         return logs
 
     def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -1,0 +1,333 @@
+"""``taming-deploy eval``: reconstruction quality of a first stage, label following of a conditional model.
+
+Reconstruction (:func:`evaluate_reconstruction`): held-out synthetic scenes (the seeds of
+``SyntheticLandscapes.validation``, never drawn in training) go through encoder, quantizer and decoder;
+the decoded images, clamped to [-1, 1], are compared with the originals by PSNR (peak-to-peak 2, per
+image then averaged) and LPIPS (VGG16, lin v0.1). A checkpoint runs on its PyTorch first stage (a
+first-stage-only VQGAN run works too); an exported bundle runs its encoder and decoder graphs on the
+chosen backend, so the numbers are those of what is deployed.
+
+Label following (:func:`evaluate_label_following`): for the label maps of held-out scenes, at each
+requested (width, height), the model generates one image per map through ``Pipeline.generate`` (the
+public API, sliding window and all), and the shipped segmenter (``training.evaluation.segmenter``)
+labels the generated pixels. Pixel accuracy and mIoU of those labels against the input maps measure
+how well the images follow their conditions. The same segmenter on the real renders of the same
+scenes gives the ceiling: the generated score can only be read relative to it. The k-th map is
+sampled with seed ``seed + k``.
+
+:func:`run_eval` is what the CLI calls: it evaluates whatever the path supports and returns the lines
+of a printable table (and writes the full results as JSON on request).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from taming_deploy.errors import UserError
+from taming_deploy.model_paths import DEFAULT_MODEL, is_bundle, is_checkpoint
+from training.data.sources import VALIDATION_SEED_BASE, SyntheticLandscapes
+from training.data.synthetic_landscapes import LABELS, colorize, render_scene
+from training.evaluation.metrics import confusion_matrix, lpips_per_image, psnr_per_image, segmentation_scores
+from training.evaluation.segmenter import Segmenter, load_segmenter, segment, uint8_to_model
+
+What = Literal["all", "reconstruction", "labels"]
+WHATS = ("all", "reconstruction", "labels")
+DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((256, 256), (512, 256))  # (width, height)
+# The goals of issue 6 for the default model; shown beside the measured numbers, never enforced.
+TARGETS = {"psnr": 26.0, "lpips": 0.15, "miou": 0.5}
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _resolve(path: Path | str | None) -> Path:
+    path = DEFAULT_MODEL if path is None else Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such model (expected a taming-deploy checkpoint or an exported bundle)")
+    if not (is_checkpoint(path) or is_bundle(path)):
+        raise UserError(f"{path} is neither a taming-deploy checkpoint (config.json + model.safetensors) "
+                        f"nor an exported bundle (manifest.json)")
+    return path
+
+
+# --- reconstruction ------------------------------------------------------------------------------------
+
+
+def _reconstructor(path: Path, backend: str) -> tuple[Callable[[np.ndarray], np.ndarray], str, int]:
+    """(images (B, 3, H, W) in [-1, 1] -> clamped reconstructions, runner name, downsampling factor)."""
+    if is_checkpoint(path) and not is_bundle(path):
+        from training.checkpoint import load_model, read_config
+
+        if read_config(path).first_stage is None:
+            raise UserError(f"{path} holds no first stage (VQGAN): nothing to reconstruct with")
+        if backend not in ("auto", "torch"):
+            raise UserError(f"{path} is a checkpoint: reconstruction runs it on torch, not --backend {backend}")
+        first_stage = load_model(path).first_stage_model.eval()
+
+        @torch.no_grad()
+        def run(images: np.ndarray) -> np.ndarray:
+            reconstruction, _ = first_stage(torch.from_numpy(images))
+            return reconstruction.clamp(-1, 1).numpy()
+
+        return run, "torch", first_stage.config.downsample_factor
+    from taming_deploy.backends import load_backend
+
+    runner = load_backend(path, backend)  # type: ignore[arg-type]
+    return (lambda images: np.clip(runner.decode(runner.encode(images)), -1, 1)), runner.name, runner.spec.downsample_factor
+
+
+def evaluate_reconstruction(path: Path | str | None, count: int = 64, size: int = 256, batch_size: int = 8,
+                            backend: str = "auto", progress: Progress = _quiet) -> dict:
+    """PSNR and LPIPS of first-stage reconstructions of ``count`` held-out ``size`` x ``size`` scenes.
+
+    ``path``: a checkpoint with a first stage (run on torch) or an exported bundle (its encoder and
+    decoder on ``backend``); None: the embedded default model.
+    """
+    from training.losses.lpips import load_lpips
+
+    path = _resolve(path)
+    if count < 1 or size < 1 or batch_size < 1:
+        raise UserError(f"count, size and batch size must be positive, got {count}, {size}, {batch_size}")
+    reconstruct, runner, factor = _reconstructor(path, backend)
+    if size % factor:
+        raise UserError(f"image size {size} is not a multiple of the first stage's downsampling factor {factor}")
+    lpips = load_lpips()
+    started = time.perf_counter()
+    batch = SyntheticLandscapes().validation(count, size)
+    psnrs, distances = [], []
+    for start in range(0, count, batch_size):
+        originals = batch.images[start : start + batch_size]
+        reconstructions = reconstruct(originals)
+        psnrs.append(psnr_per_image(reconstructions, originals))
+        distances.append(lpips_per_image(lpips, torch.from_numpy(reconstructions), torch.from_numpy(originals), batch_size))
+        progress(f"reconstruction: {min(start + batch_size, count)}/{count} images")
+    psnr, lpips_d = np.concatenate(psnrs), np.concatenate(distances)
+    return {
+        "model": str(path),
+        "runner": runner,
+        "count": count,
+        "size": [size, size],
+        "seeds": [VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + count - 1],
+        "psnr": float(psnr.mean()),
+        "psnr_min": float(psnr.min()),
+        "lpips": float(lpips_d.mean()),
+        "lpips_max": float(lpips_d.max()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+# --- label following -----------------------------------------------------------------------------------
+
+
+def _check_segmentation_model(spec, path: Path, segmenter: Segmenter) -> None:
+    cond = spec.condition
+    if cond.kind != "segmentation":
+        raise UserError(f"{path} is conditioned on {cond.kind}, not on label maps: label following needs a "
+                        f"segmentation-conditioned model")
+    names = segmenter.config.label_names
+    if cond.n_labels != len(names) or (cond.label_names is not None and tuple(cond.label_names) != tuple(names)):
+        known = ", ".join(cond.label_names) if cond.label_names else f"{cond.n_labels} unnamed labels"
+        raise UserError(f"{path} knows {known}; the label-following segmenter knows the synthetic landscape "
+                        f"labels ({', '.join(names)}): label following is measured only for models of that data")
+
+
+def _save_example(directory: Path, size: tuple[int, int], k: int, labels: np.ndarray, real: np.ndarray,
+                  generated: np.ndarray, seen_generated: np.ndarray, seen_real: np.ndarray) -> None:
+    """One PNG per map: top row labels | real | generated, bottom row what the segmenter saw in each."""
+    from PIL import Image
+
+    top = np.concatenate([colorize(labels), real, generated], axis=1)
+    bottom = np.concatenate([colorize(labels), colorize(seen_real), colorize(seen_generated)], axis=1)
+    directory.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(directory / f"labels_{size[0]}x{size[1]}_{k:03d}.png")
+
+
+def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
+                             count: int = 8, seed: int = 0, backend: str = "auto", mode: str = "exact",
+                             top_k: int | None = 100, segmenter: Segmenter | None = None,
+                             save_dir: Path | None = None, progress: Progress = _quiet, pipeline=None) -> dict:
+    """Pixel accuracy and mIoU of the segmenter on generated images against their input label maps.
+
+    ``sizes``: (width, height) pairs, multiples of the model's downsampling factor; for each, the label
+    maps of ``count`` held-out scenes of that size. ``mode``: the sampler's window schedule ("exact" or
+    "fast"). Returns {"model", "backend", ..., "sizes": [{"size", "generated", "real", timing}]} where
+    "generated" and "real" are ``metrics.segmentation_scores`` dicts. ``pipeline``: an already loaded
+    ``Pipeline`` (or anything with its ``spec``, ``backend.name`` and ``generate``) to use instead of
+    loading ``model_path`` with ``backend``.
+    """
+    from taming_deploy.pipeline import Pipeline
+
+    if count < 1:
+        raise UserError(f"count must be >= 1, got {count}")
+    if mode not in ("exact", "fast"):
+        raise UserError(f"mode must be 'exact' or 'fast', got {mode!r}")
+    path = _resolve(model_path) if pipeline is None else Path(str(model_path))
+    segmenter = segmenter if segmenter is not None else load_segmenter()
+    if pipeline is None:
+        pipeline = Pipeline.load(path, backend)  # type: ignore[arg-type]
+    _check_segmentation_model(pipeline.spec, path, segmenter)
+    factor = pipeline.spec.downsample_factor
+    for width, height in sizes:
+        if width < factor or height < factor or width % factor or height % factor:
+            raise UserError(f"size {width}x{height} is not a positive multiple of the model's downsampling factor {factor}")
+    n_classes = segmenter.config.n_classes
+    results = []
+    for width, height in sizes:
+        generated_cm = np.zeros((n_classes, n_classes), np.int64)
+        real_cm = np.zeros((n_classes, n_classes), np.int64)
+        sample_seconds = decode_seconds = 0.0
+        started = time.perf_counter()
+        for k in range(count):
+            scene = render_scene(VALIDATION_SEED_BASE + k, height, width)
+            generation = pipeline.generate(scene.labels, seed=seed + k, top_k=top_k, mode=mode)  # type: ignore[arg-type]
+            sample_seconds += generation.stats["sample_seconds"]
+            decode_seconds += generation.stats["decode_seconds"]
+            image = np.asarray(generation.images[0].convert("RGB"))
+            if image.shape[:2] != scene.labels.shape:
+                raise UserError(f"the model generated a {image.shape[1]}x{image.shape[0]} image for a {width}x{height} map")
+            seen = segment(segmenter, uint8_to_model(np.stack([image, scene.image])))
+            generated_cm += confusion_matrix(seen[0], scene.labels, n_classes)
+            real_cm += confusion_matrix(seen[1], scene.labels, n_classes)
+            if save_dir is not None:
+                _save_example(Path(save_dir), (width, height), k, scene.labels, scene.image, image, seen[0], seen[1])
+            progress(f"label following {width}x{height}: {k + 1}/{count} images, "
+                     f"{time.perf_counter() - started:.0f} s")
+        results.append({
+            "size": [width, height],
+            "count": count,
+            "generated": segmentation_scores(generated_cm, segmenter.config.label_names),
+            "real": segmentation_scores(real_cm, segmenter.config.label_names),
+            "sample_seconds_per_image": round(sample_seconds / count, 2),
+            "decode_seconds_per_image": round(decode_seconds / count, 2),
+            "seconds": round(time.perf_counter() - started, 2),
+        })
+    return {
+        "model": str(path),
+        "backend": pipeline.backend.name,
+        "mode": mode,
+        "top_k": top_k,
+        "seed": seed,
+        "seeds": [VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + count - 1],
+        "sizes": results,
+    }
+
+
+# --- everything a path supports -------------------------------------------------------------------------
+
+
+def supported(path: Path | str | None) -> tuple[bool, bool]:
+    """(reconstruction possible, label following possible) for a model path, from its config or manifest."""
+    path = _resolve(path)
+    if is_checkpoint(path) and not is_bundle(path):
+        from training.checkpoint import read_config
+
+        config = read_config(path)
+        cond = config.condition
+        return config.first_stage is not None, config.is_complete and cond is not None and cond.kind == "segmentation"
+    from taming_deploy.bundle import Bundle
+
+    bundle = Bundle(path)
+    reconstruction = bundle.has_graph("encoder") and bundle.has_graph("decoder")
+    return reconstruction, bundle.spec.condition.kind == "segmentation"
+
+
+def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64, recon_size: int = 256,
+             label_count: int = 8, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0,
+             backend: str = "auto", mode: str = "exact", top_k: int | None = 100, save_dir: Path | None = None,
+             progress: Progress = _quiet) -> tuple[dict, list[str]]:
+    """Run the evaluations ``what`` asks for ("all": whatever the path supports); (results, table lines)."""
+    if what not in WHATS:
+        raise UserError(f"what must be one of {', '.join(WHATS)}, got {what!r}")
+    path = _resolve(path)
+    can_reconstruct, can_follow = supported(path)
+    if what == "reconstruction" and not can_reconstruct:
+        raise UserError(f"{path} has no first stage (encoder and decoder) to measure reconstruction with")
+    if what == "labels" and not can_follow:
+        raise UserError(f"{path} is not a complete segmentation-conditioned model: no label following to measure")
+    if what == "all" and not (can_reconstruct or can_follow):
+        raise UserError(f"{path}: nothing to evaluate (no first stage, not a segmentation-conditioned model)")
+    results: dict = {"model": str(path)}
+    if can_reconstruct and what in ("all", "reconstruction"):
+        results["reconstruction"] = evaluate_reconstruction(path, recon_count, recon_size, backend=backend, progress=progress)
+    if can_follow and what in ("all", "labels"):
+        results["label_following"] = evaluate_label_following(path, sizes, label_count, seed, backend, mode, top_k,
+                                                              save_dir=save_dir, progress=progress)
+    return results, format_table(results)
+
+
+def format_table(results: dict) -> list[str]:
+    """The printable summary of :func:`evaluate`'s results."""
+    lines = [f"model: {results['model']}"]
+    rec = results.get("reconstruction")
+    if rec is not None:
+        lines += [
+            f"reconstruction ({rec['count']} held-out {rec['size'][0]}x{rec['size'][1]} synthetic scenes, {rec['runner']}, "
+            f"{rec['seconds']:.0f} s)",
+            f"  PSNR   {rec['psnr']:7.2f} dB   (worst image {rec['psnr_min']:.2f} dB; target >= {TARGETS['psnr']:g} dB)",
+            f"  LPIPS  {rec['lpips']:7.4f}      (worst image {rec['lpips_max']:.4f}; target <= {TARGETS['lpips']:g})",
+        ]
+    follow = results.get("label_following")
+    if follow is not None:
+        lines += [
+            f"label following (held-out label maps, {follow['backend']}, mode {follow['mode']}, top-k {follow['top_k']}, "
+            f"seeds {follow['seed']}+k; segmenter on generated images vs. on the real renders; target mIoU >= {TARGETS['miou']:g})",
+            f"  {'size':>9}  {'maps':>4}  {'accuracy':>8}  {'mIoU':>6}  {'real acc':>8}  {'real mIoU':>9}  {'s/image':>7}",
+        ]
+        for row in follow["sizes"]:
+            g, r = row["generated"], row["real"]
+            per_image = row["seconds"] / row["count"]
+            lines.append(f"  {row['size'][0]:>4}x{row['size'][1]:<4}  {row['count']:>4}  {g['pixel_accuracy']:8.4f}  "
+                         f"{g['miou']:6.4f}  {r['pixel_accuracy']:8.4f}  {r['miou']:9.4f}  {per_image:7.1f}")
+        worst = {}
+        for row in follow["sizes"]:
+            for name, iou in row["generated"]["per_class_iou"].items():
+                if iou is not None:
+                    worst[name] = min(worst.get(name, 1.0), iou)
+        if worst:
+            lines.append("  per-class IoU on generated images (lowest over sizes): "
+                         + ", ".join(f"{name} {iou:.2f}" for name, iou in worst.items()))
+    return lines
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """'256x256,512x256' -> ((256, 256), (512, 256)) as (width, height)."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            width, height = (int(v) for v in part.strip().lower().split("x"))
+        except ValueError:
+            raise UserError(f"sizes: expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}") from None
+        if width < 1 or height < 1:
+            raise UserError(f"sizes must be positive, got {part.strip()}")
+        sizes.append((width, height))
+    return tuple(sizes)
+
+
+def run_eval(path: Path | str | None = None, what: str = "all", recon_count: int = 64, recon_size: int = 256, label_count: int = 8,
+             sizes: str | Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0, backend: str = "auto",
+             mode: str = "exact", top_k: int | None = 100, json_out: Path | None = None, save_dir: Path | None = None,
+             progress: Progress = _quiet) -> list[str]:
+    """The CLI entry point: evaluate, optionally write the full results as JSON, return the table lines.
+
+    ``path`` None: the embedded default model. ``sizes``: (width, height) pairs or 'WxH,WxH'. Raises
+    UserError on bad input.
+    """
+    if recon_count < 1 or label_count < 1:
+        raise UserError(f"counts must be >= 1, got {recon_count} (reconstruction) and {label_count} (label maps)")
+    parsed = parse_sizes(sizes) if isinstance(sizes, str) else tuple(sizes)
+    results, lines = evaluate(path, what, recon_count=recon_count, recon_size=recon_size, label_count=label_count, sizes=parsed, seed=seed,  # type: ignore[arg-type]
+                              backend=backend, mode=mode, top_k=top_k, save_dir=save_dir, progress=progress)
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
+        lines.append(f"results written to {json_out}")
+    return lines
