@@ -112,9 +112,8 @@ def generate(
         raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
     if cond is not None and class_id is not None:
         raise UserError("pass either --cond or --class-id, not both")
-    pipeline = Pipeline.load(model, backend, note=lambda text: typer.echo(text, err=True))  # type: ignore[arg-type]
-    if backend == "auto":
-        typer.echo(f"backend: {pipeline.backend.name}", err=True)
+    notes: list[str] = []  # shown after the run, so that an error stays the only line
+    pipeline = Pipeline.load(model, backend, note=notes.append)  # type: ignore[arg-type]
     condition = cond if cond is not None else class_id
     with progress_bar("sampling", "tok") as update:
         result = pipeline.generate(
@@ -147,9 +146,11 @@ def generate(
     if stats is not None:
         with atomic_file(stats) as tmp:
             tmp.write_text(json.dumps(result.stats, indent=2))
+    for text in notes:
+        typer.echo(text, err=True)
     s = result.stats
     typer.echo(
-        f"wrote {', '.join(written)}: {s['tokens']} tokens in {s['sample_seconds']:.2f} s "
+        f"wrote {', '.join(written)} on {s['backend']}: {s['tokens']} tokens in {s['sample_seconds']:.2f} s "
         f"({s['prefills']} prefills, {s['steps']} steps), decode {s['decode_seconds']:.2f} s",
         err=True,
     )

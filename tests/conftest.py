@@ -58,3 +58,40 @@ def fixture_bundle(tmp_path_factory: pytest.TempPathFactory, imported_checkpoint
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     export_bundle(imported_checkpoint, out, calibration_count=4, echo=lambda line: None)
     return out
+
+
+def tiny_model_config(kind: str = "segmentation"):
+    """A complete model small enough to export and sample in seconds: f=4, 8 landscape labels with
+    their palette (segmentation), or an unconditional model."""
+    from taming_deploy.spec import ConditionSpec
+    from training.config import ModelConfig
+    from training.data.synthetic_landscapes import LABELS, PALETTE
+    from training.models.gpt import GPTConfig
+    from training.models.vqgan import AutoencoderConfig
+
+    autoencoder = AutoencoderConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(), in_channels=3,
+                                    out_ch=3, resolution=32, z_channels=8, embed_dim=8, n_embed=32)
+    if kind == "segmentation":
+        condition = ConditionSpec(kind="segmentation", n_labels=8, codebook_size=16, label_names=LABELS, palette=PALETTE)
+        cond_autoencoder = AutoencoderConfig(**{**autoencoder.__dict__, "in_channels": 8, "out_ch": 8, "n_embed": 16})
+    else:
+        condition, cond_autoencoder = ConditionSpec(kind="unconditional", sos_token=0), None
+    return ModelConfig(first_stage=autoencoder, condition=condition, condition_autoencoder=cond_autoencoder,
+                       transformer=GPTConfig(vocab_size=32, block_size=512, n_layer=1, n_head=2, n_embd=32))
+
+
+def save_tiny_model(path: Path, kind: str = "segmentation") -> Path:
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.models.net2net import TamingModel
+
+    torch.manual_seed(0)
+    config = tiny_model_config(kind)
+    save_checkpoint(path, config, TamingModel(config).state_dict())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "checkpoint")
