@@ -93,6 +93,14 @@ def condition_config(model: dict) -> tuple[ConditionSpec, AutoencoderConfig | No
     raise UserError(f"condition stage {target} is not supported (supported: segmentation, depth, class, unconditional)")
 
 
+def largest_window(block_size: int, spatial: bool, limit: int = 16) -> tuple[int, int]:
+    """The original's 16x16 window, or the largest square one the block holds (condition tokens of a
+    spatial condition take a window's worth of positions, other conditions one)."""
+    side = int(((block_size + 1) / 2) ** 0.5) if spatial else int(block_size**0.5)
+    side = min(side, limit)
+    return side, side
+
+
 def model_config(model: dict) -> tuple[ModelConfig, str]:
     """project.yaml's model section -> (ModelConfig, prefix that state-dict keys need)."""
     target, params = model["target"], model.get("params", {})
@@ -109,11 +117,16 @@ def model_config(model: dict) -> tuple[ModelConfig, str]:
         if int(tparams.pop("n_unmasked", 0)) != 0:
             raise UserError("n_unmasked != 0 is not supported")
         condition, cond_ae = condition_config(model)
+        unknown = sorted(set(tparams) - set(GPTConfig.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"transformer_config: unsupported parameters {', '.join(unknown)}")
+        gpt = GPTConfig(**tparams)
         config = ModelConfig(
             first_stage=autoencoder_config(params["first_stage_config"]["params"], "first_stage_config"),
             condition=condition,
             condition_autoencoder=cond_ae,
-            transformer=GPTConfig(**{k: v for k, v in tparams.items()}),
+            transformer=gpt,
+            window=largest_window(gpt.block_size, condition.spatial),
             pkeep=float(params.get("pkeep", 1.0)),
         )
         return config, ""

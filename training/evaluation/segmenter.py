@@ -347,6 +347,9 @@ def _train(recipe: TrainRecipe, out: Path | None, log: Callable[[str], None], lo
         "validation_512x256": score_segmenter(model, max(1, recipe.validation_count // 4), 256, 512),
     }
     info = {
+        "reproduce": (f"python -m training.evaluation.segmenter --out DIR --steps {recipe.steps} --seed {recipe.seed} "
+                      f"--lr {recipe.lr:g} --pixels-per-batch {recipe.pixels_per_batch} --threads {recipe.threads} "
+                      f"--validation-count {recipe.validation_count}"),
         "recipe": recipe.to_dict(),
         "training": {
             "train_seconds": round(train_seconds, 1),
