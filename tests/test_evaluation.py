@@ -65,7 +65,8 @@ def test_psnr_of_a_known_mse_per_image_then_mean():
     assert psnr(images, reference) == pytest.approx((40.0 + 10 * math.log10(200)) / 2)
     # the same numbers as the usual 0..255 definition
     as_uint = (images + 1) * 127.5
-    assert psnr(torch.from_numpy(as_uint), torch.from_numpy((reference + 1) * 127.5), peak_to_peak=255) == pytest.approx(psnr(images, reference))
+    on_255 = psnr(torch.from_numpy(as_uint), torch.from_numpy((reference + 1) * 127.5), peak_to_peak=255)
+    assert on_255 == pytest.approx(psnr(images, reference))
     assert psnr_per_image(reference, reference)[0] == math.inf
     with pytest.raises(ValueError):
         psnr(images, reference[:1])
@@ -198,7 +199,8 @@ class FakePipeline:
 
     def __init__(self, perfect: bool):
         self.perfect = perfect
-        self.spec = SimpleNamespace(downsample_factor=8, condition=ConditionSpec(kind="segmentation", n_labels=8, label_names=LABELS))
+        condition = ConditionSpec(kind="segmentation", n_labels=8, label_names=LABELS)
+        self.spec = SimpleNamespace(downsample_factor=8, condition=condition)
         self.backend = SimpleNamespace(name="fake")
 
     def generate(self, labels, *, seed, top_k, mode):
@@ -248,6 +250,10 @@ def test_eval_refuses_bad_input(tmp_path):
     seven = tiny_complete_checkpoint(tmp_path / "seven", n_labels=7)
     with pytest.raises(UserError, match="segmenter"):
         ev.evaluate_label_following(seven, ((32, 32),), count=1)
+    with pytest.raises(UserError, match="segmenter"):
+        ev.run_eval(seven, what="labels")
+    lines = ev.run_eval(seven, recon_count=1, recon_size=32)  # "all": what it can, and says what it skipped
+    assert any("PSNR" in line for line in lines) and any(line.startswith("note: label following") for line in lines)
     model = tiny_complete_checkpoint(tmp_path / "model")
     for kwargs in ({"what": "everything"}, {"sizes": "32by32"}, {"label_count": 0}, {"what": "labels", "sizes": "33x32"},
                    {"what": "labels", "mode": "slow"}):

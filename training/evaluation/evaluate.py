@@ -24,6 +24,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from taming_deploy.errors import UserError
+from taming_deploy.spec import ConditionSpec
 from taming_deploy.model_paths import DEFAULT_MODEL, is_bundle, is_checkpoint
 from training.data.sources import VALIDATION_SEED_BASE, SyntheticLandscapes
 from training.data.synthetic_landscapes import LABELS, colorize, render_scene
@@ -150,18 +152,6 @@ def evaluate_reconstruction(path: Path | str | None, count: int = 64, size: int 
 # --- label following -----------------------------------------------------------------------------------
 
 
-def _check_segmentation_model(spec, path: Path, segmenter: Segmenter) -> None:
-    cond = spec.condition
-    if cond.kind != "segmentation":
-        raise UserError(f"{path} is conditioned on {cond.kind}, not on label maps: label following needs a "
-                        f"segmentation-conditioned model")
-    names = segmenter.config.label_names
-    if cond.n_labels != len(names) or (cond.label_names is not None and tuple(cond.label_names) != tuple(names)):
-        known = ", ".join(cond.label_names) if cond.label_names else f"{cond.n_labels} unnamed labels"
-        raise UserError(f"{path} knows {known}; the label-following segmenter knows the synthetic landscape "
-                        f"labels ({', '.join(names)}): label following is measured only for models of that data")
-
-
 def _save_example(directory: Path, size: tuple[int, int], k: int, labels: np.ndarray, real: np.ndarray,
                   generated: np.ndarray, seen_generated: np.ndarray, seen_real: np.ndarray) -> None:
     """One PNG per map: top row labels | real | generated, bottom row what the segmenter saw in each."""
@@ -196,7 +186,9 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
     segmenter = segmenter if segmenter is not None else load_segmenter()
     if pipeline is None:
         pipeline = Pipeline.load(path, backend)  # type: ignore[arg-type]
-    _check_segmentation_model(pipeline.spec, path, segmenter)
+    if _label_mismatch(pipeline.spec.condition) or tuple(segmenter.config.label_names) != LABELS:
+        problem = _label_mismatch(pipeline.spec.condition) or "the segmenter's labels are not the synthetic landscape labels"
+        raise UserError(f"{path}: label following cannot be measured: {problem}")
     factor = pipeline.spec.downsample_factor
     for width, height in sizes:
         if width < factor or height < factor or width % factor or height % factor:
@@ -246,20 +238,51 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
 # --- everything a path supports -------------------------------------------------------------------------
 
 
-def supported(path: Path | str | None) -> tuple[bool, bool]:
-    """(reconstruction possible, label following possible) for a model path, from its config or manifest."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model path can be evaluated on, from its config or manifest alone (nothing is loaded)."""
+
+    reconstruction: bool
+    label_following: bool
+    downsample_factor: int | None
+    why_not_labels: str = ""  # when label following is not possible
+
+
+def capabilities(path: Path | str | None) -> Capabilities:
     path = _resolve(path)
     if is_checkpoint(path) and not is_bundle(path):
         from training.checkpoint import read_config
 
         config = read_config(path)
-        cond = config.condition
-        return config.first_stage is not None, config.is_complete and cond is not None and cond.kind == "segmentation"
-    from taming_deploy.bundle import Bundle
+        has_first = config.first_stage is not None
+        factor = config.first_stage.downsample_factor if config.first_stage is not None else None
+        if not config.is_complete:
+            return Capabilities(has_first, False, factor, "not a complete model (first stage, condition, transformer)")
+        cond = config.spec().condition
+    else:
+        from taming_deploy.bundle import Bundle
 
-    bundle = Bundle(path)
-    reconstruction = bundle.has_graph("encoder") and bundle.has_graph("decoder")
-    return reconstruction, bundle.spec.condition.kind == "segmentation"
+        bundle = Bundle(path)
+        has_first = bundle.has_graph("encoder") and bundle.has_graph("decoder")
+        factor, cond = bundle.spec.downsample_factor, bundle.spec.condition
+    return Capabilities(has_first, not _label_mismatch(cond), factor, _label_mismatch(cond))
+
+
+def supported(path: Path | str | None) -> tuple[bool, bool]:
+    """(reconstruction possible, label following possible) for a model path."""
+    found = capabilities(path)
+    return found.reconstruction, found.label_following
+
+
+def _label_mismatch(cond: ConditionSpec) -> str:
+    """Why the segmenter cannot judge a model with this condition ("" when it can)."""
+    if cond.kind != "segmentation":
+        return f"conditioned on {cond.kind}, not on label maps"
+    if cond.n_labels != len(LABELS) or (cond.label_names is not None and tuple(cond.label_names) != LABELS):
+        known = ", ".join(cond.label_names) if cond.label_names else f"{cond.n_labels} unnamed labels"
+        return (f"its labels ({known}) are not the synthetic landscape labels the segmenter knows "
+                f"({', '.join(LABELS)})")
+    return ""
 
 
 def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64, recon_size: int = 256,
@@ -268,37 +291,53 @@ def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64,
              threads: int | None = None, progress: Progress = _quiet) -> tuple[dict, list[str]]:
     """Run the evaluations ``what`` asks for ("all": whatever the path supports); (results, table lines).
 
-    ``threads``: torch threads for the run (see :func:`torch_threads`); None keeps torch's setting.
+    All arguments are checked before anything slow runs. ``threads``: torch threads for the run (see
+    :func:`torch_threads`); None keeps torch's setting.
     """
-    with torch_threads(threads):
-        return _evaluate(path, what, recon_count, recon_size, label_count, sizes, seed, backend, mode, top_k, save_dir, progress)
-
-
-def _evaluate(path: Path | str | None, what: What, recon_count: int, recon_size: int, label_count: int,
-              sizes: Sequence[tuple[int, int]], seed: int, backend: str, mode: str, top_k: int | None,
-              save_dir: Path | None, progress: Progress) -> tuple[dict, list[str]]:
     if what not in WHATS:
         raise UserError(f"what must be one of {', '.join(WHATS)}, got {what!r}")
+    if mode not in ("exact", "fast"):
+        raise UserError(f"mode must be 'exact' or 'fast', got {mode!r}")
+    if recon_count < 1 or recon_size < 1 or label_count < 1:
+        raise UserError(f"counts and sizes must be positive, got {recon_count} reconstruction images of "
+                        f"{recon_size} px and {label_count} label maps")
     path = _resolve(path)
-    can_reconstruct, can_follow = supported(path)
-    if what == "reconstruction" and not can_reconstruct:
+    found = capabilities(path)
+    if what == "reconstruction" and not found.reconstruction:
         raise UserError(f"{path} has no first stage (encoder and decoder) to measure reconstruction with")
-    if what == "labels" and not can_follow:
-        raise UserError(f"{path} is not a complete segmentation-conditioned model: no label following to measure")
-    if what == "all" and not (can_reconstruct or can_follow):
-        raise UserError(f"{path}: nothing to evaluate (no first stage, not a segmentation-conditioned model)")
-    results: dict = {"model": str(path), "torch_threads": torch.get_num_threads()}
-    if can_reconstruct and what in ("all", "reconstruction"):
-        results["reconstruction"] = evaluate_reconstruction(path, recon_count, recon_size, backend=backend, progress=progress)
-    if can_follow and what in ("all", "labels"):
-        results["label_following"] = evaluate_label_following(path, sizes, label_count, seed, backend, mode, top_k,
-                                                              save_dir=save_dir, progress=progress)
+    if what == "labels" and not found.label_following:
+        raise UserError(f"{path}: no label following to measure: {found.why_not_labels}")
+    if what == "all" and not (found.reconstruction or found.label_following):
+        raise UserError(f"{path}: nothing to evaluate: no first stage, and {found.why_not_labels}")
+    run_reconstruction = found.reconstruction and what in ("all", "reconstruction")
+    run_labels = found.label_following and what in ("all", "labels")
+    factor = found.downsample_factor or 1
+    if run_reconstruction and recon_size % factor:
+        raise UserError(f"image size {recon_size} is not a multiple of the first stage's downsampling factor {factor}")
+    if run_labels:
+        for width, height in sizes:
+            if width < factor or height < factor or width % factor or height % factor:
+                raise UserError(f"size {width}x{height} is not a positive multiple of the model's downsampling factor {factor}")
+    results: dict = {"model": str(path), "torch_threads": None, "notes": []}
+    if what == "all" and not found.label_following:
+        results["notes"].append(f"label following not measured: {found.why_not_labels}")
+    if what == "all" and not found.reconstruction:
+        results["notes"].append("reconstruction not measured: no first stage")
+    with torch_threads(threads):
+        results["torch_threads"] = torch.get_num_threads()
+        if run_reconstruction:
+            results["reconstruction"] = evaluate_reconstruction(path, recon_count, recon_size, backend=backend,
+                                                                progress=progress)
+        if run_labels:
+            results["label_following"] = evaluate_label_following(path, sizes, label_count, seed, backend, mode, top_k,
+                                                                  save_dir=save_dir, progress=progress)
     return results, format_table(results)
 
 
 def format_table(results: dict) -> list[str]:
     """The printable summary of :func:`evaluate`'s results."""
-    lines = [f"model: {results['model']}" + (f"  (torch threads: {results['torch_threads']})" if "torch_threads" in results else "")]
+    threads = f"  (torch threads: {results['torch_threads']})" if results.get("torch_threads") else ""
+    lines = [f"model: {results['model']}{threads}"]
     rec = results.get("reconstruction")
     if rec is not None:
         lines += [
@@ -311,7 +350,8 @@ def format_table(results: dict) -> list[str]:
     if follow is not None:
         lines += [
             f"label following (held-out label maps, {follow['backend']}, mode {follow['mode']}, top-k {follow['top_k']}, "
-            f"seeds {follow['seed']}+k; segmenter on generated images vs. on the real renders; target mIoU >= {TARGETS['miou']:g})",
+            f"seeds {follow['seed']}+k; segmenter on generated images vs. on the real renders; "
+            f"target mIoU >= {TARGETS['miou']:g})",
             f"  {'size':>9}  {'maps':>4}  {'accuracy':>8}  {'mIoU':>6}  {'real acc':>8}  {'real mIoU':>9}  {'s/image':>7}",
         ]
         for row in follow["sizes"]:
@@ -327,6 +367,7 @@ def format_table(results: dict) -> list[str]:
         if worst:
             lines.append("  per-class IoU on generated images (lowest over sizes): "
                          + ", ".join(f"{name} {iou:.2f}" for name, iou in worst.items()))
+    lines += [f"note: {note}" for note in results.get("notes", [])]
     return lines
 
 
@@ -344,21 +385,19 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
-def run_eval(path: Path | str | None = None, what: str = "all", recon_count: int = 64, recon_size: int = 256, label_count: int = 8,
-             sizes: str | Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0, backend: str = "auto",
-             mode: str = "exact", top_k: int | None = 100, json_out: Path | None = None, save_dir: Path | None = None,
-             threads: int | None = None, progress: Progress = _quiet) -> list[str]:
+def run_eval(path: Path | str | None = None, what: str = "all", recon_count: int = 64, recon_size: int = 256,
+             label_count: int = 8, sizes: str | Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0,
+             backend: str = "auto", mode: str = "exact", top_k: int | None = 100, json_out: Path | None = None,
+             save_dir: Path | None = None, threads: int | None = None, progress: Progress = _quiet) -> list[str]:
     """The CLI entry point: evaluate, optionally write the full results as JSON, return the table lines.
 
     ``path`` None: the embedded default model. ``sizes``: (width, height) pairs or 'WxH,WxH'. Raises
-    UserError on bad input.
+    UserError on bad input, before any slow work.
     """
-    if recon_count < 1 or label_count < 1:
-        raise UserError(f"counts must be >= 1, got {recon_count} (reconstruction) and {label_count} (label maps)")
     parsed = parse_sizes(sizes) if isinstance(sizes, str) else tuple(sizes)
-    results, lines = evaluate(path, what, recon_count=recon_count, recon_size=recon_size, label_count=label_count, sizes=parsed, seed=seed,  # type: ignore[arg-type]
-                              backend=backend, mode=mode, top_k=top_k, save_dir=save_dir, threads=threads,
-                              progress=progress)
+    results, lines = evaluate(path, what, recon_count=recon_count, recon_size=recon_size,  # type: ignore[arg-type]
+                              label_count=label_count, sizes=parsed, seed=seed, backend=backend, mode=mode,
+                              top_k=top_k, save_dir=save_dir, threads=threads, progress=progress)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")

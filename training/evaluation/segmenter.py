@@ -17,8 +17,14 @@ that one network serves 256x256 windows and wide sliding-window images alike. Ev
 from ``seed``: the same seed, thread count and torch build give the same weights.
 
 The shipped weights (``weights/segmenter.safetensors`` + ``weights/segmenter.json``, no pickle) were
-trained with the defaults of :func:`train_segmenter`; ``segmenter.json`` records the recipe and the
-held-out scores.
+trained with the defaults of :func:`train_segmenter` (1500 steps, seed 0, one torch thread: 12 minutes
+of a shared 2-core CPU); ``segmenter.json`` records the recipe and the held-out scores. Measured on
+held-out validation scenes (clean renders): 256x256, 32 scenes: pixel accuracy 0.984, mIoU 0.940
+(weakest class snow, IoU 0.80); 512x256, 8 scenes: 0.987 / 0.931. Degraded copies of the same 256x256
+scenes: JPEG quality 20: 0.971 / 0.911; 4x down- and up-sampled: 0.976 / 0.926; 8x: 0.938 / 0.809;
+noise sigma 0.08: 0.983 / 0.936. Scene height matters less than one might fear: mIoU 0.86 at 128 px,
+0.84-0.89 from 192 to 512 px, but 0.59 at 64 px, so label following at very small sizes says little
+(the "real" ceiling that ``evaluate`` reports next to every score shows this).
 """
 from __future__ import annotations
 
@@ -293,7 +299,8 @@ def score_segmenter(model: Segmenter, count: int, height: int, width: int, batch
 
 
 def train_segmenter(recipe: TrainRecipe = TrainRecipe(), out: Path | None = None,
-                    log: Callable[[str], None] = functools.partial(print, flush=True), log_every: int = 50) -> tuple[Segmenter, dict]:
+                    log: Callable[[str], None] = functools.partial(print, flush=True),
+                    log_every: int = 50) -> tuple[Segmenter, dict]:
     """Train a segmenter from scratch on fresh synthetic scenes; score it on held-out scenes; save to ``out``.
 
     Returns (model in eval mode, info) where info holds the recipe, the training time and the scores.
