@@ -234,6 +234,35 @@ def build(
     typer.echo(f"wrote {out}")
 
 
+@app.command("eval")
+@user_errors_exit
+def eval_command(
+    model: Annotated[Optional[Path], typer.Option(help="Bundle or checkpoint [default: the embedded model]")] = None,
+    what: Annotated[str, typer.Option(help="all, reconstruction or labels")] = "all",
+    count: Annotated[int, typer.Option(help="Held-out images for reconstruction")] = 64,
+    size: Annotated[int, typer.Option(help="Reconstruction image size (pixels)")] = 256,
+    label_count: Annotated[int, typer.Option(help="Label maps per size for label following")] = 8,
+    sizes: Annotated[str, typer.Option(help="WxH[,WxH...] for label following")] = "256x256,512x256",
+    seed: Annotated[int, typer.Option()] = 0,
+    backend: Annotated[str, typer.Option(help="auto, torch, ort or trt")] = "auto",
+    mode: Annotated[str, typer.Option(help="exact or fast sampling")] = "exact",
+    top_k: Annotated[int, typer.Option(help="0: all")] = 100,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all results (.json)")] = None,
+    save_images: Annotated[Optional[Path], typer.Option(help="Folder for labels/real/generated comparison PNGs")] = None,
+) -> None:
+    """Reconstruction PSNR/LPIPS on held-out scenes and label-following accuracy/mIoU of generated images."""
+    try:
+        from training.evaluation.evaluate import run_eval
+    except ImportError:
+        raise UserError("taming-deploy eval needs PyTorch: pip install 'taming-deploy[train]'") from None
+    lines = run_eval(model, what, recon_count=count, recon_size=size, label_count=label_count, sizes=sizes, seed=seed,
+                     backend=backend, mode=mode, top_k=top_k or None, json_out=json_out, save_dir=save_images,
+                     threads=threads, progress=lambda message: typer.echo(message, err=True))
+    for line in lines:
+        typer.echo(line)
+
+
 def main() -> None:
     app(prog_name="taming-deploy")
 
