@@ -34,7 +34,7 @@ def test_flop_counts_by_hand():
     d = 256
     per_layer_linear = 2 * (4 * d * d + 8 * d * d)  # q, k, v, proj; MLP d -> 4d -> d
     step = 6 * per_layer_linear + 6 * 2 * 2 * 512 * d + 2 * d * 512
-    assert benchlib.cached_call_flops(spec, 1) == step
+    assert benchlib.call_flops(spec, 1, spec.block_size, 1) == step
     full = 511 * 6 * per_layer_linear + 6 * 2 * 2 * 511 * 511 * d + 511 * 2 * d * 512
     assert benchlib.full_recompute_flops(spec, 511) == full
     assert sampler_speed.original_sequence_length(spec, (24, 32)) == 511

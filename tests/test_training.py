@@ -197,3 +197,30 @@ def test_sigkilled_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
     a, b = load_file(str(run / "final" / "model.safetensors")), load_file(str(straight / "final" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_dead_codes_are_moved_onto_encoder_outputs_and_their_adam_moments_cleared():
+    from training.models.quantizer import VectorQuantizer
+    from training.stages.codebook import CodebookRestarter
+
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(n_embed=8, embed_dim=4)
+    with torch.no_grad():
+        quantizer.embedding.weight[4:] = 100.0  # codes 4..7 are far from every latent: dead
+    optimizer = torch.optim.Adam(quantizer.parameters(), lr=1e-3)
+    restarter = CodebookRestarter(quantizer, optimizer, every=2, until=100, env=CPU)
+    latent = torch.randn(2, 4, 3, 3)
+    used_before = len(quantizer(latent).indices.unique())
+    for step in range(2):
+        out = quantizer(latent)
+        out.codebook_loss.backward()
+        optimizer.step()
+        restarter.observe(out.indices, out.latent)
+        restarted = restarter.maybe_restart(step)
+    assert restarted == 4
+    moved = quantizer.embedding.weight[4:].detach()
+    targets = latent.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.cdist(moved, targets).min(dim=1).values.max() < 0.1  # each sits on an encoder output
+    assert torch.all(optimizer.state[quantizer.embedding.weight]["exp_avg"][4:] == 0)
+    assert restarter.usage.sum() == 0
+    assert len(quantizer(latent).indices.unique()) > used_before  # the moved codes are now picked

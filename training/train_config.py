@@ -35,6 +35,7 @@ class LoopConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     weight_decay: float = 0.01  # transformer: on Linear weights only
     warmup_steps: int = 0
+    codebook_restart_every: int = 0  # vqgan/cond: move unused codes onto encoder outputs every N steps (0: off)
     token_cache_images: int = 2000  # transformer: images encoded once into token maps
     token_cache_size: int = 256  # transformer: pixel size of those images
 

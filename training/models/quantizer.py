@@ -12,6 +12,7 @@ class QuantizedLatent:
     quant: torch.Tensor  # (B, embed_dim, h, w); straight-through gradient to the encoder
     indices: torch.Tensor  # (B, h, w) int64, row-major
     codebook_loss: torch.Tensor  # scalar
+    latent: torch.Tensor  # (B, embed_dim, h, w): the encoder output before quantization
 
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class VectorQuantizer(nn.Module):
         codebook = torch.mean((z_q - z.detach()) ** 2)
         loss = commit + self.beta * codebook if self.legacy else self.beta * commit + codebook
         z_q = z + (z_q - z).detach()
-        return QuantizedLatent(quant=z_q, indices=indices.view(b, h, w), codebook_loss=loss)
+        return QuantizedLatent(quant=z_q, indices=indices.view(b, h, w), codebook_loss=loss, latent=z)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) indices -> (B, embed_dim, h, w) codebook vectors."""

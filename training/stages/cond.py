@@ -13,6 +13,7 @@ from training.losses.vqgan_loss import segmentation_loss
 from training.models.net2net import TamingModel
 from training.models.vqgan import AutoencoderConfig
 from training.stages.common import autocast, image_grid, sync_gradients, to_device, wrap_ddp
+from training.stages.codebook import CodebookRestarter
 from training.train_config import TrainConfig
 
 VALIDATION_MAPS = 8
@@ -47,6 +48,8 @@ class ConditionStage:
         self.codebook_weight = float(cfg.loss.get("codebook_weight", 1.0))
         self.optimizers = {"autoencoder": torch.optim.Adam(self.vq.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))}
         self.validation = source.validation(VALIDATION_MAPS, cfg.train.image_size).labels
+        self.restarter = CodebookRestarter(self.vq.quantize, self.optimizers["autoencoder"], cfg.train.codebook_restart_every,
+                                           cfg.train.steps // 2, env)
 
     def sample_batch(self, rng: np.random.Generator) -> np.ndarray:
         return self.source.sample(rng, self.cfg.train.batch_size, self.cfg.train.image_size).labels
@@ -61,9 +64,13 @@ class ConditionStage:
                 logits, latent = self.vq_ddp(one_hot)
                 loss, log = segmentation_loss(latent.codebook_loss, one_hot, logits.float(), self.codebook_weight)
                 (loss / len(micro_batches)).backward()
+            self.restarter.observe(latent.indices, latent.latent)
             for name, value in log.items():
                 logs[name] = logs.get(name, 0.0) + float(value) / len(micro_batches)
         optimizer.step()
+        restarted = self.restarter.maybe_restart(step)
+        if restarted:
+            logs["train/codes_restarted"] = float(restarted)
         return logs
 
     def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -19,6 +19,7 @@ from training.stages.common import (
     to_device,
     wrap_ddp,
 )
+from training.stages.codebook import CodebookRestarter
 from training.train_config import TrainConfig
 
 VALIDATION_IMAGES = 8
@@ -40,6 +41,8 @@ class VQGANStage:
             "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)),
         }
         self.validation = source.validation(VALIDATION_IMAGES, cfg.train.image_size)
+        self.restarter = CodebookRestarter(self.vq.quantize, self.optimizers["autoencoder"], cfg.train.codebook_restart_every,
+                                           self.loss.config.disc_start, env)
 
     def sample_batch(self, rng: np.random.Generator) -> Batch:
         return self.source.sample(rng, self.cfg.train.batch_size, self.cfg.train.image_size)
@@ -59,9 +62,13 @@ class VQGANStage:
                 )
                 (loss / accum).backward()
             reconstructions.append(rec.detach().float())
+            self.restarter.observe(latent.indices, latent.latent)
             for name, value in log.items():
                 logs[name] = logs.get(name, 0.0) + float(value) / accum
         opt_ae.step()
+        restarted = self.restarter.maybe_restart(step)
+        if restarted:
+            logs["train/codes_restarted"] = float(restarted)
         if self.loss.disc_factor(step) > 0:
             opt_d.zero_grad(set_to_none=True)
             for batch, rec in zip(micro_batches, reconstructions):
