@@ -41,6 +41,14 @@ def test_flop_counts_by_hand():
     assert sampler_speed.original_sequence_length(spec, (12, 20)) == 2 * 12 * 16 - 1
 
 
+def test_counted_flops_are_the_call_pattern_total(torch_backend):
+    spec, latent = torch_backend.spec, (17, 18)
+    cond = np.random.default_rng(3).integers(0, spec.condition.codebook_size, (1, *latent))
+    counted = sampler_speed.CountingBackend(torch_backend)
+    _, stats = sample_tokens(counted, cond, latent, GREEDY, np.random.default_rng(0), "fast")
+    assert counted.flops == benchlib.call_flops(spec, stats.fed_tokens, spec.block_size, stats.prefills + stats.steps)
+
+
 def test_original_token_is_what_the_original_loop_samples(torch_backend):
     spec, latent = torch_backend.spec, (17, 19)
     cond = np.random.default_rng(4).integers(0, spec.condition.codebook_size, (1, *latent))
@@ -87,12 +95,12 @@ def test_exact_window_nll_is_the_full_recompute_log_likelihood(torch_backend):
 def test_prototype_backends_return_the_runtime_logits(fixture_bundle, imported_checkpoint, tmp_path):
     from taming_deploy.backends.ort_backend import OrtBackend
 
-    graph = tmp_path / "split.onnx"
-    prototypes.export_split_cache_graph(imported_checkpoint, graph)
+    graphs = tmp_path / "step.onnx", tmp_path / "prefill.onnx"
+    prototypes.export_split_cache_graphs(imported_checkpoint, *graphs)
     runtime = OrtBackend(fixture_bundle)
     candidates = [
         prototypes.BoundOrtBackend(fixture_bundle),
-        prototypes.SplitCacheOrtBackend(OrtBackend(fixture_bundle), graph, prototypes.tuned_session_options(None, spinning=False)),
+        prototypes.SplitCacheOrtBackend(OrtBackend(fixture_bundle), graphs, prototypes.tuned_session_options(None, spinning=False)),
     ]
     tokens = np.random.default_rng(7).integers(0, 64, (2, 511))
     calls = [(0, 200), (200, 216)] + [(p, p + 1) for p in range(216, 240)] + [(0, 300), (300, 301)]  # re-prefill reuses the cache

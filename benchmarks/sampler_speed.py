@@ -1,0 +1,296 @@
+"""Token-loop speed: the original loop (full recompute in PyTorch) against the cached sampler.
+
+    python benchmarks/sampler_speed.py [--model default|fixture] [--checkpoint DIR] [--bundle DIR]
+        [--sizes 16x16,24x32,32x32,64x40] [--backends torch,ort] [--modes original,exact,fast]
+        [--window-stride 8] [--original-full-max 256] [--original-tokens 24] [--threads N] [--clock wall|cpu]
+
+Sizes are latent rows x columns. Decoding is greedy, batch 1, on random condition tokens (the cost does
+not depend on their values). Modes:
+- original: training.reference_sampler.reference_greedy, a 511-token forward pass per token. Images
+  of more than --original-full-max tokens are not run in full: --original-tokens cells spread over
+  the image are computed exactly as the original computes them (teacher-forced on the exact-mode
+  image, which gives the original's own logits there, since attention is causal) and the time per
+  token is multiplied by the token count; such rows are marked "extrapolated". Every token costs the
+  original the same pass, so the extrapolation is linear.
+- exact, fast: taming_deploy.sampler.sample_tokens in that mode (fast: --window-stride).
+- exact+reuse, fast+reuse (not in the default set): the prototype sampler of prototypes.py that
+  continues a placement's cache across rows. Backend ort-split (not in the default set): the
+  prototype split-cache graphs (prototypes.SplitCacheOrtBackend).
+Columns: seconds per image of the token loop alone (wall time, or CPU time with --clock cpu); tokens/s; speedup against the original's
+seconds per image at that size; transformer calls (prefills/steps); transformer MFLOP per token,
+counted from the call pattern (benchlib.call_flops; the formula is printed below the table);
+achieved GFLOP/s and its fraction of the GEMM throughput of the backend's library (torch for torch
+and the original, ONNX Runtime for ort), measured in the same run (matmul_peak.py); whether
+exact-mode tokens equal the original loop's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import matmul_peak
+import prototypes
+from benchlib import (Clock, ModelPaths, add_model_arguments, apply_common_arguments, call_flops, full_recompute_flops,
+                      note, now, parse_latent, prepare_model, print_table, random_condition_tokens, timed)
+from taming_deploy.backends.base import Backend
+from taming_deploy.backends.ort_backend import OrtBackend
+from taming_deploy.sampler import SampleStats, sample_tokens
+from taming_deploy.sampling import SamplingOptions
+from taming_deploy.spec import ModelSpec
+from taming_deploy.windows import clamp, window_shape
+
+DEFAULT_SIZES = "16x16,24x32,32x32,64x40"
+MODES = ("original", "exact", "fast", "exact+reuse", "fast+reuse")
+BACKENDS = ("torch", "ort", "ort-split")
+GREEDY = SamplingOptions(greedy=True)
+FLOORS = {((16, 16), "exact"): 20.0, ((24, 32), "exact"): 2.0, ((24, 32), "fast"): 8.0}  # ORT vs original
+
+
+@dataclass
+class Row:
+    latent: tuple[int, int]
+    backend: str
+    mode: str
+    seconds: float  # per image, token loop only
+    calls: str
+    flops: float  # transformer FLOPs per image
+    same_as_original: str = "-"
+    note: str = ""
+
+
+# --- the original loop ------------------------------------------------------------------------------
+
+def original_sequence_length(spec: ModelSpec, latent: tuple[int, int]) -> int:
+    wh, ww = window_shape(latent, spec.window)
+    return (wh * ww if spec.condition.spatial else 1) + wh * ww - 1
+
+
+def original_token(gpt, cond: np.ndarray, image: np.ndarray, cell: tuple[int, int], spec: ModelSpec) -> np.ndarray:
+    """The original loop's computation for one cell (reference_greedy's loop body), on ``image``'s tokens."""
+    import torch
+
+    (i, j), (h, w) = cell, image.shape[1:]
+    wh, ww = window_shape((h, w), spec.window)
+    i0, j0 = clamp(i - wh // 2, 0, h - wh), clamp(j - ww // 2, 0, w - ww)
+    n = image.shape[0]
+    patch = torch.from_numpy(image[:, i0 : i0 + wh, j0 : j0 + ww].reshape(n, -1))
+    cpatch = torch.from_numpy(cond[:, i0 : i0 + wh, j0 : j0 + ww].reshape(n, -1) if cond.ndim == 3 else cond)
+    with torch.no_grad():
+        logits, _ = gpt(torch.cat((cpatch, patch), dim=1)[:, :-1])
+    logits = logits[:, -wh * ww :].reshape(n, wh, ww, -1)[:, i - i0, j - j0, : spec.image_codebook_size]
+    return logits.argmax(dim=-1).numpy()
+
+
+def run_original_full(gpt, cond: np.ndarray, latent: tuple[int, int], spec: ModelSpec) -> tuple[np.ndarray, float]:
+    from training.reference_sampler import reference_greedy
+
+    return timed(lambda: reference_greedy(gpt, cond, latent, spec.window, spec.image_codebook_size))
+
+
+def run_original_subset(gpt, cond: np.ndarray, image: np.ndarray, spec: ModelSpec, count: int) -> tuple[float, bool | None]:
+    """Seconds per token of the original loop over ``count`` cells spread over the image, and whether its
+    greedy token equals ``image``'s at every one of them."""
+    h, w = image.shape[1:]
+    cells = [divmod(int(k), w) for k in np.linspace(0, h * w - 1, count)]
+    original_token(gpt, cond, image, cells[0], spec)  # warm-up
+    same = True
+    started = now()
+    for cell in cells:
+        same &= bool(np.array_equal(original_token(gpt, cond, image, cell, spec), image[:, cell[0], cell[1]]))
+    return (now() - started) / len(cells), same
+
+
+# --- the cached sampler -----------------------------------------------------------------------------
+
+def load_backends(names: list[str], model: ModelPaths, threads: int | None, cache_dir: Path) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    for name in names:
+        if name == "torch":
+            if model.checkpoint is None:
+                note("no checkpoint: the torch backend is left out")
+                continue
+            from taming_deploy.backends.torch_backend import TorchBackend
+
+            backends[name] = TorchBackend.load(model.checkpoint)
+        elif name == "ort":
+            backends[name] = OrtBackend(model.bundle, threads=threads)
+        elif model.checkpoint is None:
+            note("no checkpoint: the ort-split prototype is left out")
+        else:
+            graphs = prototypes.cached_split_cache_graphs(model.checkpoint, cache_dir)
+            backends[name] = prototypes.SplitCacheOrtBackend(
+                OrtBackend(model.bundle, threads=threads), graphs, prototypes.tuned_session_options(threads))
+    return backends
+
+
+def warm_up(backend: Backend) -> None:
+    """Session creation and first-call allocations happen here, not in the timed loops."""
+    spec = backend.spec
+    cache = backend.new_cache(1)
+    tokens = np.zeros((1, spec.block_size // 2), dtype=np.int64)
+    backend.transformer_step(tokens, 0, cache)
+    backend.transformer_step(tokens[:, :1], tokens.shape[1], cache)
+
+
+def run_sampler(backend: Backend, cond: np.ndarray, latent: tuple[int, int], mode: str, stride: int) -> tuple[np.ndarray, SampleStats]:
+    rng = np.random.default_rng(0)
+    if mode.endswith("+reuse"):
+        base_mode = mode.removesuffix("+reuse")
+        return prototypes.sample_tokens_reusing(backend, cond, latent, GREEDY, rng, base_mode, stride)  # type: ignore[arg-type]
+    return sample_tokens(backend, cond, latent, GREEDY, rng, mode, stride)  # type: ignore[arg-type]
+
+
+class CountingBackend:
+    """A backend wrapper adding up the FLOPs of every transformer call as the wrapped graphs compute them:
+    the bundle's graph (torch, ort) attends over the whole cache capacity; the split-cache prototype's
+    prefill graph over the fed tokens only, its step graph over the capacity plus the fed tokens."""
+
+    def __init__(self, backend: Backend):
+        self.backend, self.name, self.spec = backend, backend.name, backend.spec
+        self.flops = 0
+
+    def new_cache(self, batch: int):
+        return self.backend.new_cache(batch)
+
+    def transformer_step(self, tokens: np.ndarray, position: int, cache) -> np.ndarray:
+        t, slots = tokens.shape[1], self.spec.block_size
+        keys = slots if self.name != "ort-split" else (t if position == 0 else slots + t)
+        self.flops += call_flops(self.spec, t, keys, 1)  # per sequence: batch 1 here
+        return self.backend.transformer_step(tokens, position, cache)
+
+
+# --- one latent size --------------------------------------------------------------------------------
+
+def measure_size(latent: tuple[int, int], spec: ModelSpec, backends: dict[str, Backend], gpt, modes: list[str],
+                 stride: int, full_max: int, subset: int) -> list[Row]:
+    h, w = latent
+    cond = random_condition_tokens(spec, latent, np.random.default_rng(h * 1000 + w))
+    rows: list[Row] = []
+    exact_images: list[tuple[Row, np.ndarray]] = []
+    for mode in (m for m in modes if m != "original"):
+        for name, backend in backends.items():
+            counted = CountingBackend(backend)
+            (tokens, stats), seconds = timed(lambda: run_sampler(counted, cond, latent, mode, stride))
+            row = Row(latent, name, mode, seconds, f"{stats.prefills}/{stats.steps}", counted.flops)
+            rows.append(row)
+            if mode.startswith("exact"):
+                exact_images.append((row, tokens))
+            progress(row)
+    if "original" not in modes or gpt is None:
+        return rows
+    per_image_flops = h * w * full_recompute_flops(spec, original_sequence_length(spec, latent))
+    if h * w <= full_max:
+        original, seconds = run_original_full(gpt, cond, latent, spec)
+        rows.insert(0, Row(latent, "torch", "original", seconds, f"{h * w} full", per_image_flops))
+        for row, tokens in exact_images:
+            row.same_as_original = "yes" if np.array_equal(tokens, original) else "NO"
+    else:
+        checked = exact_images[0][1] if exact_images else np.zeros((1, h, w), dtype=np.int64)
+        per_token, same = run_original_subset(gpt, cond, checked, spec, subset)
+        rows.insert(0, Row(latent, "torch", "original", per_token * h * w, f"{h * w} full", per_image_flops,
+                           note=f"extrapolated from {subset} timed tokens"))
+        if exact_images:
+            # the original's tokens at the checked cells, given the first exact image's tokens before them
+            exact_images[0][0].same_as_original = f"{'yes' if same else 'NO'} ({subset} cells)"
+            for row, tokens in exact_images[1:]:
+                row.same_as_original = "yes (= first exact)" if np.array_equal(tokens, checked) else "NO"
+    progress(rows[0])
+    return rows
+
+
+def progress(row: Row) -> None:
+    print(f"   ... {row.latent[0]}x{row.latent[1]} {row.backend} {row.mode}: {row.seconds:.2f} s/image {row.note}", flush=True)
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+def table_rows(rows: list[Row], peaks: dict[str, float]) -> list[list[str]]:
+    """``peaks``: measured GEMM GFLOP/s of the library each backend runs on (torch, ort)."""
+    original = {r.latent: r.seconds for r in rows if r.mode == "original"}
+    out = []
+    for r in rows:
+        tokens = r.latent[0] * r.latent[1]
+        gflops = r.flops / r.seconds / 1e9
+        speedup = f"{original[r.latent] / r.seconds:.1f}x" if r.latent in original else "-"
+        out.append([f"{r.latent[0]}x{r.latent[1]}", r.backend, r.mode, f"{r.seconds:.2f}" + ("*" if r.note else ""),
+                    f"{tokens / r.seconds:.1f}", speedup, r.calls, f"{r.flops / tokens / 1e6:,.1f}", f"{gflops:.1f}",
+                    f"{gflops / peaks[r.backend.split('-')[0]]:.0%}", r.same_as_original])
+    return out
+
+
+def print_floors(rows: list[Row]) -> None:
+    original = {r.latent: r.seconds for r in rows if r.mode == "original"}
+    for (latent, mode), floor in FLOORS.items():
+        for r in rows:
+            if r.latent == latent and r.mode == mode and r.backend == "ort" and latent in original:
+                speedup = original[latent] / r.seconds
+                print(f"floor ORT {mode} at {latent[0]}x{latent[1]}: {speedup:.1f}x against >= {floor:g}x "
+                      f"({'met' if speedup >= floor else 'NOT met'}; aim {2 * floor:g}x)")
+
+
+def print_formula(spec: ModelSpec) -> None:
+    d, L, S, V = spec.n_embd, spec.n_layer, spec.block_size, spec.vocab_size
+    print(f"""
+Transformer FLOPs (multiply-add = 2 FLOPs; d={d}, layers L={L}, cache capacity S={S}, vocab V={V}):
+  per call feeding T tokens = T * 24*L*d^2      (per layer Q, K, V, output projection: 4 d^2 MACs; MLP: 8 d^2)
+                            + 4*L*T*K*d         (q.k^T and att.v of T queries over K keys)
+                            + 2*R*d*V           (the head on R positions)
+  cached calls (exact, fast): K = S = {S} (the graph attends over the whole cache, masking later slots), R = 1;
+    ort-split (prototype): K = T for prefills (causal over the fed tokens), K = S + T for steps
+  original loop, per token: one call with T = K = R = the window sequence (cond + window - 1 tokens)
+  layer norms, softmax, GELU and embeddings (O(d) per token) are not counted.""")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="latent sizes, rows x columns (default: %(default)s)")
+    parser.add_argument("--backends", default="torch,ort", help=f"of {', '.join(BACKENDS)} (default: %(default)s)")
+    parser.add_argument("--modes", default="original,exact,fast", help=f"of {', '.join(MODES)} (default: %(default)s)")
+    parser.add_argument("--window-stride", type=int, default=8, help="fast mode's stride (default: %(default)s)")
+    parser.add_argument("--original-full-max", type=int, default=256,
+                        help="run the original loop in full up to this many tokens per image (default: %(default)s)")
+    parser.add_argument("--original-tokens", type=int, default=24,
+                        help="tokens timed for the extrapolated original above that (default: %(default)s)")
+    parser.add_argument("--peak-repeat", type=int, default=10, help="GEMM runs for the matmul peak")
+    args = parser.parse_args(argv)
+    sizes = [parse_latent(s) for s in args.sizes.split(",")]
+    names, modes = args.backends.split(","), args.modes.split(",")
+    for value, allowed in [(n, BACKENDS) for n in names] + [(m, MODES) for m in modes]:
+        if value not in allowed:
+            parser.error(f"{value!r} is not one of {', '.join(allowed)}")
+
+    threads = apply_common_arguments(args)
+    model = prepare_model(args.model, args.checkpoint, args.bundle, args.cache_dir)
+    backends = load_backends(names, model, args.threads, args.cache_dir)
+    for backend in backends.values():
+        warm_up(backend)
+    spec = OrtBackend(model.bundle).spec
+    gpt = None
+    if "original" in modes and model.checkpoint is not None:
+        from training.checkpoint import load_model
+
+        gpt = load_model(model.checkpoint).transformer
+    peaks = {"torch": matmul_peak.measured_gflops("torch", repeat=args.peak_repeat, threads=args.threads),
+             "ort": matmul_peak.measured_gflops("onnxruntime", repeat=args.peak_repeat, threads=args.threads)}
+    print(f"model: {model.name}; {threads} threads; {Clock.name} clock; load average {os.getloadavg()[0]:.1f}; measured fp32 GEMM "
+          f"1024^3 peak: torch {peaks['torch']:.1f} GFLOP/s, ONNX Runtime {peaks['ort']:.1f} GFLOP/s")
+    rows: list[Row] = []
+    for latent in sizes:
+        rows += measure_size(latent, spec, backends, gpt, modes, args.window_stride, args.original_full_max, args.original_tokens)
+    print(f"\nToken loop, batch 1, greedy; load average at the end {os.getloadavg()[0]:.1f}")
+    print_table(table_rows(rows, peaks), ["latent", "backend", "mode", "s/image", "tokens/s", "speedup", "prefills/steps",
+                                         "MFLOP/token", "GFLOP/s", "of peak", "same as original"])
+    if any(r.note for r in rows):
+        print("* the original loop extrapolated from a timed subset of tokens (see --original-full-max)")
+    print_floors(rows)
+    print_formula(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
