@@ -21,7 +21,7 @@ import taming_deploy
 from engines.onnx_support import unsupported_ops
 from export.fp16 import Fp16IoRangeError, to_mixed_precision
 from export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token_sequences
-from export.graphs import graph_defs
+from export.graphs import graph_defs, past_names
 from export.onnx_export import OPSET, export_graph
 from export.validate import Check, check_fp16, check_fp32, emulated_fp16_backend
 from taming_deploy.backends.ort_backend import OrtBackend
@@ -49,6 +49,12 @@ def structural_checks(path: Path, graph: str, precision: str) -> list[Check]:
     ]
 
 
+def past_feeds(cache: np.ndarray) -> dict[str, np.ndarray]:
+    """A cache (n_layer, 2, B, heads, slots, head_dim) as the transformer graph's past_* inputs."""
+    names = past_names(cache.shape[0])
+    return dict(zip(names, [cache[i, 0] for i in range(cache.shape[0])] + [cache[i, 1] for i in range(cache.shape[0])]))
+
+
 @torch.no_grad()
 def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> dict[str, list[dict[str, np.ndarray]]]:
     """Inputs per graph on which the fp16 pass measures activation ranges."""
@@ -64,14 +70,15 @@ def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> d
     else:
         cond_tokens = np.full((len(calib), 1), spec.condition.sos_token, dtype=np.int64)
     sequences = token_sequences(spec, image_tokens, cond_tokens)
-    # a prefill of the first half, then the cache it produced with one step: both call shapes the sampler makes
+    # a prefill of the first half, then one step on the cache it filled: both call shapes the sampler makes
     half = sequences.shape[1] // 2
     transformer_feeds = []
     for seq in sequences[:4]:
         cache = model.transformer.new_cache(1)
-        _, cache = model.transformer(torch.from_numpy(seq[None, :half]), cache, torch.tensor(0))
-        transformer_feeds.append({"tokens": seq[None, :half], "position": np.array(0), "cache": np.zeros_like(cache.numpy())})
-        transformer_feeds.append({"tokens": seq[None, half : half + 1], "position": np.array(half), "cache": cache.numpy()})
+        empty = past_feeds(cache.numpy())
+        model.transformer.step(torch.from_numpy(seq[None, :half]), cache, 0)
+        transformer_feeds.append({"tokens": seq[None, :half], "position": np.array(0), **empty})
+        transformer_feeds.append({"tokens": seq[None, half : half + 1], "position": np.array(half), **past_feeds(cache.numpy())})
     feeds["transformer"] = transformer_feeds
     return feeds
 
@@ -80,8 +87,9 @@ def mixed_precision_graph(name: str, exported: onnx.ModelProto, feeds: list[dict
     """The fp16 variant; the transformer's cache is fp16 too unless its values leave fp16's safe range."""
     if name != "transformer":
         return to_mixed_precision(exported, feeds)
+    layers = sum(1 for i in exported.graph.input if i.name.startswith("past_key_"))
     try:
-        return to_mixed_precision(exported, feeds, fp16_io=("cache", "new_cache"))
+        return to_mixed_precision(exported, feeds, fp16_io=(*past_names(layers), "new_kv"))
     except Fp16IoRangeError as exc:
         echo(f"transformer: keeping the KV cache in fp32 ({exc})")
         return to_mixed_precision(exported, feeds)

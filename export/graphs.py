@@ -3,8 +3,11 @@
 - encoder:      image (B, 3, H, W) float32 in [-1, 1] -> indices (B, h, w) int64
 - decoder:      indices (B, h, w) int64 -> image (B, 3, H, W) float32 (unclamped)
 - cond_encoder: labels (B, H, W) int64 class ids, or depth (B, 1, H, W) float32 -> indices (B, h, w)
-- transformer:  tokens (B, T) int64, position () int64, cache -> logits (B, V) of the last position,
-                new_cache; the cache (n_layer, 2, B, n_head, block_size, head_dim) never changes shape.
+- transformer:  tokens (B, T) int64, position () int64, past_key_i / past_value_i (B, n_head, block_size,
+                head_dim) per layer i -> logits (B, V) of the last position, new_kv (n_layer, 2, B, n_head,
+                T, head_dim): the fed tokens' keys and values, which the runtime writes into its cache at
+                slots position..position+T-1. One graph for prefills and steps; no shape grows with the
+                step count, and the cache is never copied inside the graph.
 The quantizer's distances and argmin are fp32 inside every graph (see quantizer.nearest_code).
 """
 from __future__ import annotations
@@ -54,9 +57,14 @@ class TransformerStepGraph(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, tokens: torch.Tensor, position: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, new_cache = self.gpt(tokens, cache, position, last_only=True)
-        return logits, new_cache
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``past``: past_key_0 .. past_key_{L-1}, then past_value_0 .. past_value_{L-1}."""
+        layers = len(past) // 2
+        return self.gpt(tokens, list(zip(past[:layers], past[layers:])), position, last_only=True)
+
+
+def past_names(n_layer: int) -> tuple[str, ...]:
+    return tuple(f"past_key_{i}" for i in range(n_layer)) + tuple(f"past_value_{i}" for i in range(n_layer))
 
 
 @dataclass
@@ -107,13 +115,17 @@ def graph_defs(model: TamingModel, example_hw: tuple[int, int] = (64, 64)) -> li
             ("depth",), ("indices",), {"depth": {0: batch, 2: auto, 3: auto}},
             {"depth": ("batch", 1, "height", "width"), "indices": latent_axes},
         ))
-    cache_axes = (spec.n_layer, 2, "batch", spec.n_head, spec.block_size, spec.head_dim)
+    names = past_names(spec.n_layer)
+    slot_axes = ("batch", spec.n_head, spec.block_size, spec.head_dim)
+    # distinct example tensors: torch.export must not see the layers' caches as one aliased tensor
+    past = tuple(torch.randn(2, spec.n_head, spec.block_size, spec.head_dim) for _ in names)
     defs.append(GraphDef(
         "transformer", TransformerStepGraph(model.transformer),
-        (torch.randint(0, spec.vocab_size, (2, 7)), torch.tensor(3), model.transformer.new_cache(2)),
-        ("tokens", "position", "cache"), ("logits", "new_cache"),
-        {"tokens": {0: batch, 1: torch.export.Dim("tokens", min=1, max=spec.block_size)}, "position": {}, "cache": {2: batch}},
-        {"tokens": ("batch", "tokens"), "position": (), "cache": cache_axes, "logits": ("batch", spec.vocab_size),
-         "new_cache": cache_axes},
+        (torch.randint(0, spec.vocab_size, (2, 7)), torch.tensor(3), *past),
+        ("tokens", "position", *names), ("logits", "new_kv"),
+        {"tokens": {0: batch, 1: torch.export.Dim("tokens", min=1, max=spec.block_size)}, "position": {},
+         "past": tuple({0: batch} for _ in names)},
+        {"tokens": ("batch", "tokens"), "position": (), **{name: slot_axes for name in names},
+         "logits": ("batch", spec.vocab_size), "new_kv": (spec.n_layer, 2, "batch", spec.n_head, "tokens", spec.head_dim)},
     ))
     return defs

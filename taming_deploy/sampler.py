@@ -1,15 +1,20 @@
 """The sliding-window token sampler over any backend's cached-step transformer.
 
-For each window placement the cache is filled once (a prefill of the condition tokens plus the
-window's tokens before the first target), then every further target of that placement costs one
-cached step: the tokens between the previous target and this one (one token when they are
-neighbours). See windows.py for where the window goes and DESIGN.md for the cost model.
+For a window placement the cache holds the condition tokens and the window's tokens up to some
+point; each target then costs one call that feeds the tokens between that point and the target
+(one token when targets are neighbours). A placement's cache is filled by a prefill the first time,
+and kept for the next rows while the window's top row stays the same (the top and bottom bands of
+the image, where the original's window does not move down): the tokens it holds are final, so
+continuing it gives the same logits as a new prefill. See windows.py for where the window goes and
+DESIGN.md for the cost model.
 """
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,14 +22,52 @@ from taming_deploy.backends.base import Backend
 from taming_deploy.sampling import SamplingOptions, choose_tokens
 from taming_deploy.windows import Mode, schedule, window_shape
 
+CACHE_MEMORY_BUDGET = 1 << 30  # bytes of transformer caches kept for reuse across rows
+
 
 @dataclass
 class SampleStats:
     tokens: int = 0  # latent cells sampled (per image)
     prefills: int = 0  # transformer calls that start a placement at position 0
-    steps: int = 0  # transformer calls that continue a placement from the cache
+    steps: int = 0  # transformer calls that continue a placement from its cache
     fed_tokens: int = 0  # tokens run through the transformer in all calls (per image)
     sample_seconds: float = 0.0  # the token loop alone
+
+
+class PlacementCaches:
+    """Caches of the placements in the current band of rows, keyed by the window's left column.
+
+    At most ``capacity`` are kept (least recently used first out, its memory reused for the next).
+    """
+
+    def __init__(self, backend: Backend, batch: int, capacity: int):
+        self.backend, self.batch, self.capacity = backend, batch, max(1, capacity)
+        self.top: int | None = None
+        self.entries: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # left -> (cache, tokens filled)
+
+    def get(self, top: int, left: int) -> tuple[Any, int | None]:
+        """The cache for a placement and how many window tokens it holds (None: nothing yet)."""
+        if top != self.top:
+            self.top = top
+            self.entries = OrderedDict((k, (cache, None)) for k, (cache, _) in self.entries.items())  # type: ignore[misc]
+        if left in self.entries:
+            self.entries.move_to_end(left)
+            return self.entries[left]
+        if len(self.entries) >= self.capacity:
+            _, (cache, _) = self.entries.popitem(last=False)
+        else:
+            cache = self.backend.new_cache(self.batch)
+        self.entries[left] = (cache, None)  # type: ignore[assignment]
+        return cache, None
+
+    def put(self, left: int, cache: Any, filled: int) -> None:
+        self.entries[left] = (cache, filled)
+
+
+def cache_capacity(backend: Backend, batch: int) -> int:
+    spec = backend.spec
+    cache_bytes = 4 * int(np.prod(spec.cache_shape(batch)))
+    return CACHE_MEMORY_BUDGET // cache_bytes
 
 
 def sample_tokens(
@@ -50,16 +93,13 @@ def sample_tokens(
     wh, ww = window_shape(latent_hw, spec.window)
     image = np.zeros((n, h, w), dtype=np.int64)
     stats = SampleStats(tokens=h * w)
-    cache = backend.new_cache(n)
+    caches = PlacementCaches(backend, n, cache_capacity(backend, n))
     done = 0
     started = time.perf_counter()
     for placement in schedule(latent_hw, spec.window, mode, stride):
         top, left = placement.top, placement.left
-        if spatial:
-            prefix = condition_tokens[:, top : top + wh, left : left + ww].reshape(n, -1)
-        else:
-            prefix = condition_tokens
-        filled: int | None = None  # window tokens [0, filled) are in the cache
+        prefix = condition_tokens[:, top : top + wh, left : left + ww].reshape(n, -1) if spatial else condition_tokens
+        cache, filled = caches.get(top, left)  # filled: window tokens [0, filled) are in the cache
         for i, j in placement.targets:
             target = (i - top) * ww + (j - left)
             window = image[:, top : top + wh, left : left + ww].reshape(n, -1)
@@ -76,5 +116,6 @@ def sample_tokens(
             done += 1
             if on_token is not None:
                 on_token(done, stats.tokens)
+        caches.put(left, cache, filled)  # type: ignore[arg-type]
     stats.sample_seconds = time.perf_counter() - started
     return image, stats

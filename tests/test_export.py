@@ -37,9 +37,12 @@ def test_manifest_describes_every_graph_with_hash_io_and_passed_validation(fixtu
             graph = onnx.load(str(fixture_bundle / entry["file"]))
             assert declared == [i.name for i in graph.graph.input]
     transformer = manifest["graphs"]["transformer"]
-    assert [t["dtype"] for t in transformer["fp16"]["inputs"]] == ["int64", "int64", "float16"]  # fp16 KV cache
-    assert [t["dtype"] for t in transformer["fp32"]["inputs"]] == ["int64", "int64", "float32"]
-    assert transformer["fp32"]["inputs"][2]["shape"][2] == "batch"  # cache: fixed capacity, dynamic batch
+    names = ["tokens", "position", "past_key_0", "past_key_1", "past_value_0", "past_value_1"]
+    assert [t["name"] for t in transformer["fp32"]["inputs"]] == names
+    assert [t["dtype"] for t in transformer["fp16"]["inputs"]] == ["int64", "int64"] + ["float16"] * 4  # fp16 KV cache
+    assert [t["dtype"] for t in transformer["fp32"]["inputs"]] == ["int64", "int64"] + ["float32"] * 4
+    assert transformer["fp32"]["inputs"][2]["shape"] == ["batch", 2, 512, 16]  # fixed capacity, dynamic batch
+    assert transformer["fp32"]["outputs"][1] == {"name": "new_kv", "dtype": "float32", "shape": [2, 2, "batch", 2, "tokens", 16]}
     checks = manifest["validation"]["checks"]
     assert checks and all(c["passed"] for c in checks)
     assert {c["graph"] for c in checks if c["precision"] == "fp16"} == {"encoder", "decoder", "cond_encoder", "transformer"}
@@ -47,7 +50,8 @@ def test_manifest_describes_every_graph_with_hash_io_and_passed_validation(fixtu
 
 
 def test_transformer_graph_serves_prefill_and_steps_with_a_fixed_cache(fixture_bundle, reference_model):
-    """Batch 3, prefill of 100 tokens, then steps: logits equal torch's full recompute."""
+    """Batch 3, prefill of 100 tokens, then steps: logits equal torch's full recompute, and the
+    runtime wrote the fed tokens' keys and values into exactly their slots."""
     import torch
 
     from taming_deploy.backends.ort_backend import OrtBackend
@@ -55,11 +59,14 @@ def test_transformer_graph_serves_prefill_and_steps_with_a_fixed_cache(fixture_b
     backend = OrtBackend(fixture_bundle)
     tokens = np.random.default_rng(0).integers(0, 64, size=(3, 130))
     cache = backend.new_cache(3)
+    before = cache.kv.copy()
     got = [backend.transformer_step(tokens[:, :100], 0, cache)]
     got += [backend.transformer_step(tokens[:, p : p + 1], p, cache) for p in range(100, 130)]
     with torch.no_grad():
         full, _ = reference_model.transformer(torch.from_numpy(tokens))
     np.testing.assert_allclose(np.stack(got, axis=1), full[:, 99:].numpy(), atol=1e-5, rtol=0)
+    written = np.abs(cache.kv - before).sum(axis=(0, 1, 2, 3, 5)) > 0
+    assert written.nonzero()[0].tolist() == list(range(130))  # exactly the fed positions' slots
 
 
 def copy_bundle(bundle: Path, tmp_path: Path) -> Path:

@@ -1,7 +1,6 @@
 """The fixed-capacity KV cache gives the logits of a full recompute, whatever the call pattern."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from training.models.gpt import GPT, GPTConfig
@@ -15,37 +14,37 @@ def small_gpt(seed: int = 0) -> GPT:
     return gpt
 
 
+@torch.no_grad()
 def test_prefill_then_steps_equal_full_recompute_at_every_step():
     gpt = small_gpt()
     tokens = torch.randint(0, 50, (3, 64))
-    with torch.no_grad():
-        full, _ = gpt(tokens)
-        cache = gpt.new_cache(3)
-        logits, cache = gpt(tokens[:, :20], cache, torch.tensor(0), last_only=True)
-        torch.testing.assert_close(logits, full[:, 19], atol=1e-5, rtol=0)
-        for p in range(20, 64):
-            logits, cache = gpt(tokens[:, p : p + 1], cache, torch.tensor(p), last_only=True)
-            torch.testing.assert_close(logits, full[:, p], atol=1e-5, rtol=0)
+    full, _ = gpt(tokens)
+    cache = gpt.new_cache(3)
+    torch.testing.assert_close(gpt.step(tokens[:, :20], cache, 0), full[:, 19], atol=1e-5, rtol=0)
+    for p in range(20, 64):
+        torch.testing.assert_close(gpt.step(tokens[:, p : p + 1], cache, p), full[:, p], atol=1e-5, rtol=0)
 
 
-def test_multi_token_extend_and_reprefill_over_stale_cache():
+@torch.no_grad()
+def test_multi_token_extend_and_reprefill_over_a_stale_cache():
     """A new prefill at position 0 over a cache full of another sequence must ignore the stale slots."""
     gpt = small_gpt(1)
     first, second = torch.randint(0, 50, (2, 1, 64))
-    with torch.no_grad():
-        cache = gpt.new_cache(1)
-        _, cache = gpt(first, cache, torch.tensor(0))
-        logits, cache = gpt(second[:, :10], cache, torch.tensor(0), last_only=True)
-        full, _ = gpt(second)
-        torch.testing.assert_close(logits, full[:, 9], atol=1e-5, rtol=0)
-        logits, cache = gpt(second[:, 10:17], cache, torch.tensor(10), last_only=True)
-        torch.testing.assert_close(logits, full[:, 16], atol=1e-5, rtol=0)
+    cache = gpt.new_cache(1)
+    gpt.step(first, cache, 0)
+    full, _ = gpt(second)
+    torch.testing.assert_close(gpt.step(second[:, :10], cache, 0), full[:, 9], atol=1e-5, rtol=0)
+    torch.testing.assert_close(gpt.step(second[:, 10:17], cache, 10), full[:, 16], atol=1e-5, rtol=0)
 
 
-def test_cache_shape_is_fixed():
+@torch.no_grad()
+def test_a_call_returns_only_the_fed_tokens_keys_and_values_and_writes_only_their_slots():
     gpt = small_gpt()
     cache = gpt.new_cache(2)
-    with torch.no_grad():
-        _, after = gpt(torch.zeros(2, 5, dtype=torch.long), cache, torch.tensor(0))
-    assert after.shape == cache.shape == (3, 2, 2, 4, 64, 8)
-    assert np.all(after[:, :, :, :, 5:].numpy() == 0)  # only the fed slots were written
+    past = [(layer[0], layer[1]) for layer in cache]
+    _, new_kv = gpt(torch.zeros(2, 5, dtype=torch.long), past, torch.tensor(3))
+    assert new_kv.shape == (3, 2, 2, 4, 5, 8)  # (layers, k/v, batch, heads, fed tokens, head dim)
+    gpt.step(torch.zeros(2, 5, dtype=torch.long), cache, 3)
+    assert cache.shape == (3, 2, 2, 4, 64, 8)
+    written = cache.abs().sum(dim=(0, 1, 2, 3, 5)) > 0
+    assert written.nonzero().flatten().tolist() == [3, 4, 5, 6, 7]

@@ -95,3 +95,15 @@ def test_batch_of_two_with_one_seed_is_reproducible_and_rows_differ(torch_backen
     again, _ = sample_tokens(torch_backend, cond, (8, 8), SamplingOptions(), np.random.default_rng(5))
     np.testing.assert_array_equal(first, again)
     assert (first[0] != first[1]).any()
+
+
+def test_placement_caches_are_continued_across_rows_of_a_band(torch_backend):
+    """24 x 20 latents: rows 0-8 and 16-23 share window tops, so most placements continue an
+    earlier row's cache instead of a new prefill, and the tokens are still the original's."""
+    rng = np.random.default_rng(4)
+    cond = rng.integers(0, torch_backend.spec.condition.codebook_size, size=(1, 24, 20))
+    tokens, stats = sample_tokens(torch_backend, cond, (24, 20), SamplingOptions(greedy=True), rng)
+    placements = len(schedule((24, 20), (16, 16), "exact"))
+    assert stats.prefills < placements / 2
+    oracle = reference_greedy(torch_backend.model.transformer, cond, (24, 20), (16, 16), torch_backend.spec.image_codebook_size)
+    np.testing.assert_array_equal(tokens, oracle)

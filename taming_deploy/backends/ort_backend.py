@@ -1,7 +1,9 @@
-"""The ONNX Runtime backend: the bundle's graphs on CPU (or CUDA with onnxruntime-gpu).
+"""The ONNX Runtime backend: the bundle's graphs on CPU (or CUDA where onnxruntime-gpu can).
 
-The transformer cache stays in two ONNX Runtime values that swap roles every step (the graph reads
-one and writes the other through IOBinding), so it is never copied through numpy between steps.
+The transformer cache is one array; ONNX Runtime values wrapping each layer's key and value slots
+(no copy) are bound to the graph once per cache. Each step binds only the new tokens and the
+position, and afterwards writes the fed tokens' keys and values (the graph's ``new_kv``) into their
+slots: the only cache traffic is the T new rows.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
+def providers() -> list[str]:
+    """CUDA when onnxruntime-gpu can use it (the cache then crosses to the device each step; TensorRT
+    engines keep it there), else the CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 def check_io(session: ort.InferenceSession, entry: GraphFile) -> None:
     """Refuse a graph whose inputs/outputs disagree with the manifest."""
     for kind, actual, declared in (
@@ -42,23 +51,19 @@ def check_io(session: ort.InferenceSession, entry: GraphFile) -> None:
 
 @dataclass
 class OrtCache:
-    """Two cache buffers: the graph reads ``current`` and writes ``spare``; then they swap."""
-
-    current: ort.OrtValue
-    spare: ort.OrtValue
-    logits: ort.OrtValue
+    kv: np.ndarray  # (n_layer, 2, B, n_head, block_size, head_dim); the graph reads it, the step writes it
+    binding: ort.IOBinding  # past_key_i / past_value_i bound to views of ``kv``, outputs to ``logits`` and new_kv
+    logits: np.ndarray  # (B, vocab) float32
 
 
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, bundle_dir: Path, precision: str = "fp32", threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, bundle_dir: Path, precision: str = "fp32", threads: int | None = None):
         self.bundle = Bundle(bundle_dir)
         self.spec = self.bundle.spec
         self.precision = precision
         self.options = session_options(threads)
-        self.providers = providers or ["CPUExecutionProvider"]
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.cache_dtype = np.dtype(self.bundle.graph("transformer", precision).inputs[2].dtype)
 
@@ -67,7 +72,7 @@ class OrtBackend:
             entry = self.bundle.graph(name, self.precision)
             path = self.bundle.graph_path(name, self.precision)
             try:
-                session = ort.InferenceSession(str(path), self.options, providers=self.providers)
+                session = ort.InferenceSession(str(path), self.options, providers=providers())
             except Exception as exc:  # ORT raises its own exception types for unloadable graphs
                 raise UserError(f"{path}: ONNX Runtime cannot load this graph ({exc})") from None
             check_io(session, entry)
@@ -90,18 +95,21 @@ class OrtBackend:
         return self._run_single("decoder", tokens.astype(np.int64)).astype(np.float32)
 
     def new_cache(self, batch: int) -> OrtCache:
-        shape = self.spec.cache_shape(batch)
-        zeros = lambda s, dtype: ort.OrtValue.ortvalue_from_numpy(np.zeros(s, dtype), self.device)  # noqa: E731
-        return OrtCache(zeros(shape, self.cache_dtype), zeros(shape, self.cache_dtype), zeros((batch, self.spec.vocab_size), np.float32))
+        session = self.session("transformer")
+        kv = np.zeros(self.spec.cache_shape(batch), self.cache_dtype)
+        logits = np.zeros((batch, self.spec.vocab_size), np.float32)
+        binding = session.io_binding()
+        for layer in range(self.spec.n_layer):
+            binding.bind_ortvalue_input(f"past_key_{layer}", ort.OrtValue.ortvalue_from_numpy(kv[layer, 0]))
+            binding.bind_ortvalue_input(f"past_value_{layer}", ort.OrtValue.ortvalue_from_numpy(kv[layer, 1]))
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        return OrtCache(kv, binding, logits)
 
     def transformer_step(self, tokens: np.ndarray, position: int, cache: OrtCache) -> np.ndarray:
-        session = self.session("transformer")
-        binding = session.io_binding()
+        binding = cache.binding
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("position", np.array(position, dtype=np.int64))
-        binding.bind_ortvalue_input("cache", cache.current)
-        binding.bind_ortvalue_output("logits", cache.logits)
-        binding.bind_ortvalue_output("new_cache", cache.spare)
-        session.run_with_iobinding(binding)
-        cache.current, cache.spare = cache.spare, cache.current
-        return cache.logits.numpy().copy()  # numpy() is a view of the buffer the next step overwrites
+        binding.bind_output("new_kv", "cpu")  # its shape follows T: let ONNX Runtime allocate it per call
+        self.session("transformer").run_with_iobinding(binding)
+        cache.kv[:, :, :, :, position : position + tokens.shape[1]] = binding.get_outputs()[1].numpy()
+        return cache.logits.copy()  # the next step overwrites the bound buffer

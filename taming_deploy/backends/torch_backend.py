@@ -42,11 +42,9 @@ class TorchBackend:
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return self.model.first_stage_model.decode_indices(self._tensor(tokens)).cpu().numpy()
 
-    def new_cache(self, batch: int) -> dict[str, torch.Tensor]:
-        return {"kv": self.model.transformer.new_cache(batch)}
+    def new_cache(self, batch: int) -> torch.Tensor:
+        return self.model.transformer.new_cache(batch)
 
     @torch.no_grad()
-    def transformer_step(self, tokens: np.ndarray, position: int, cache: dict[str, torch.Tensor]) -> np.ndarray:
-        position_t = torch.tensor(position, dtype=torch.long, device=self.device)
-        logits, cache["kv"] = self.model.transformer(self._tensor(tokens), cache["kv"], position_t, last_only=True)
-        return logits.float().cpu().numpy()
+    def transformer_step(self, tokens: np.ndarray, position: int, cache: torch.Tensor) -> np.ndarray:
+        return self.model.transformer.step(self._tensor(tokens), cache, position).float().cpu().numpy()

@@ -2,11 +2,13 @@
 
 One forward serves three uses:
 - training / full recompute: ``gpt(idx)``, plain causal attention over the T tokens;
-- prefill: ``gpt(idx, cache, position)`` with T tokens that sit at positions position..position+T-1;
+- prefill: ``gpt(idx, past, position)`` with T tokens that sit at positions position..position+T-1;
 - decode: the same call with T = 1.
-The cache is one tensor (n_layer, 2, B, n_head, block_size, head_dim): slot s holds the key/value of
-the token at position s. A call writes its tokens' slots and attends to every slot up to each query's
-own position, so stale slots beyond it are never read. Nothing grows with the step count.
+``past`` holds, per layer, the keys and values of a fixed number of slots (the block size): slot s
+belongs to the token at position s. A call attends to the slots before ``position`` and, causally,
+to its own T tokens, and returns the T tokens' keys and values, (n_layer, 2, B, n_head, T, head_dim),
+for the caller to write into slots position..position+T-1. The cache is never copied by the model:
+on a CPU, rewriting the whole cache every step cost three times the step itself.
 """
 from __future__ import annotations
 
@@ -39,19 +41,6 @@ class GPTConfig:
         return dict(self.__dict__)
 
 
-def write_slots(past: torch.Tensor, new: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """Return ``past`` (B, H, S, D) with slots position..position+T-1 replaced by ``new`` (B, H, T, D).
-
-    Written as gather + where rather than an in-place slice assignment so that it exports to plain
-    ONNX ops (Gather, Where) with a dynamic T and a runtime position.
-    """
-    slots, t = past.shape[2], new.shape[2]
-    offset = torch.arange(slots, device=past.device) - position  # slot index relative to the first new token
-    is_new = (offset >= 0) & (offset < t)
-    gathered = new.index_select(2, offset.clamp(min=0).clamp(max=t - 1))
-    return torch.where(is_new.view(1, 1, slots, 1), gathered, past)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -64,26 +53,32 @@ class CausalSelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(cfg.attn_pdrop)
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
         mask = torch.tril(torch.ones(cfg.block_size, cfg.block_size)).view(1, 1, cfg.block_size, cfg.block_size)
-        self.register_buffer("mask", mask)  # persistent: the original checkpoints carry it
+        # the original's causal mask: kept so that its checkpoints load strictly; computed from positions
+        # instead of sliced from here, so that exported graphs do not embed a block x block constant
+        self.register_buffer("mask", mask)
 
     def forward(
-        self, x: torch.Tensor, cache: torch.Tensor | None = None, position: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None, position: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C); past: (keys, values), each (B, n_head, S, head_dim), valid below ``position``.
+        Returns the output and the fed tokens' (keys, values) stacked, (2, B, n_head, T, head_dim)."""
         b, t, c = x.shape
         heads = lambda y: y.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        if cache is None:
-            visible = self.mask[:, :, :t, :t] != 0
+        scale = 1.0 / math.sqrt(k.shape[-1])
+        order = torch.arange(t, device=x.device)
+        att = (q @ k.transpose(-2, -1) * scale).masked_fill(order.view(1, -1) > order.view(-1, 1), float("-inf"))
+        if past is None:
+            y = self.attn_drop(torch.softmax(att, dim=-1)) @ v
         else:
-            k = write_slots(cache[0], k, position)
-            v = write_slots(cache[1], v, position)
-            cache = torch.stack((k, v))
-            query_pos = position + torch.arange(t, device=x.device)
-            visible = torch.arange(k.shape[2], device=x.device).view(1, -1) <= query_pos.view(-1, 1)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
-        att = torch.softmax(att.masked_fill(~visible, float("-inf")), dim=-1)
-        y = (self.attn_drop(att) @ v).transpose(1, 2).reshape(b, t, c)
-        return self.resid_drop(self.proj(y)), cache
+            past_k, past_v = past
+            earlier = torch.arange(past_k.shape[2], device=x.device) < position  # slots of earlier tokens
+            att_past = (q @ past_k.transpose(-2, -1) * scale).masked_fill(~earlier, float("-inf"))
+            weights = self.attn_drop(torch.softmax(torch.cat((att_past, att), dim=-1), dim=-1))
+            slots = past_k.shape[2]
+            y = weights[..., :slots] @ past_v + weights[..., slots:] @ v
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.resid_drop(self.proj(y)), torch.stack((k, v))
 
 
 class Block(nn.Module):
@@ -100,11 +95,11 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cache: torch.Tensor | None, position: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, cache = self.attn(self.ln1(x), cache, position)
+        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, position: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, new_kv = self.attn(self.ln1(x), past, position)
         x = x + a
-        return x + self.mlp(self.ln2(x)), cache
+        return x + self.mlp(self.ln2(x)), new_kv
 
 
 class GPT(nn.Module):
@@ -136,25 +131,34 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        cache: torch.Tensor | None = None,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         position: torch.Tensor | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) -> logits (B, T, V), or (B, V) with ``last_only``; and the updated cache.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx (B, T) -> logits (B, T, V), or (B, V) with ``last_only``; and the fed tokens' keys and
+        values, (n_layer, 2, B, n_head, T, head_dim).
 
-        ``position`` (a 0-d int64 tensor) is where idx[:, 0] sits; it is required with a cache.
+        ``past``: per layer (keys, values) of the cache; ``position`` (0-d int64 tensor): where idx[:, 0]
+        sits. Without ``past`` the tokens sit at positions 0..T-1 and attend only to each other.
         """
         t = idx.shape[1]
-        if cache is None:
+        if past is None:
             pos = self.pos_emb[:, :t]
         else:
             pos = self.pos_emb[0].index_select(0, position + torch.arange(t, device=idx.device)).unsqueeze(0)
         x = self.drop(self.tok_emb(idx) + pos)
-        layer_caches = []
+        new_kv = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, None if cache is None else cache[i], position)
-            layer_caches.append(layer_cache)
+            x, kv = block(x, None if past is None else past[i], position)
+            new_kv.append(kv)
         if last_only:
             x = x[:, -1]
-        logits = self.head(self.ln_f(x))
-        return logits, (None if cache is None else torch.stack(layer_caches))
+        return self.head(self.ln_f(x)), torch.stack(new_kv)
+
+    def step(self, idx: torch.Tensor, cache: torch.Tensor, position: int, last_only: bool = True) -> torch.Tensor:
+        """Feed idx at ``position`` against ``cache`` (n_layer, 2, B, n_head, block, head_dim) and write
+        the fed tokens' keys and values into it, in place."""
+        past = [(layer[0], layer[1]) for layer in cache]
+        logits, new_kv = self(idx, past, torch.tensor(position, device=idx.device), last_only=last_only)
+        cache[:, :, :, :, position : position + idx.shape[1]] = new_kv
+        return logits
