@@ -30,13 +30,6 @@ class GPTConfig:
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def cache_shape(self, batch: int) -> tuple[int, ...]:
-        return (self.n_layer, 2, batch, self.n_head, self.block_size, self.head_dim)
-
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -125,8 +118,10 @@ class GPT(nn.Module):
             module.weight.data.fill_(1.0)
 
     def new_cache(self, batch: int) -> torch.Tensor:
-        p = self.pos_emb
-        return torch.zeros(self.config.cache_shape(batch), dtype=p.dtype, device=p.device)
+        """(n_layer, 2, batch, n_head, block_size, head_dim) zeros: the layout of ModelSpec.cache_shape."""
+        c, p = self.config, self.pos_emb
+        shape = (c.n_layer, 2, batch, c.n_head, c.block_size, c.n_embd // c.n_head)
+        return torch.zeros(shape, dtype=p.dtype, device=p.device)
 
     def forward(
         self,
