@@ -10,6 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def default_mode(directory: bool) -> int:
+    """The permissions a plain mkdir/open would give (mkdtemp/mkstemp make private 0700/0600 paths)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; on success it replaces ``target``.
@@ -23,6 +30,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield tmp
+        tmp.chmod(default_mode(directory=True))
+        for path in tmp.rglob("*"):
+            path.chmod(default_mode(directory=path.is_dir()))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -45,6 +55,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        tmp.chmod(default_mode(directory=False))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
