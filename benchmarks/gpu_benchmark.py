@@ -3,7 +3,9 @@
     python benchmarks/gpu_benchmark.py BUNDLE [--batch 1] [--size 256x256] [--repeat 50] [--images 4] [--cuda-graph]
 
 Prints the median latency of every graph, the cached decode step against its memory-bandwidth
-bound (weights + cache read and written per step, over the GPU's theoretical DRAM bandwidth), and
+bound (weights + one read of the cache + the new token's keys and values written, per step, over the
+GPU's theoretical DRAM bandwidth; the transformer graph returns only the fed tokens' keys and values,
+which the runtime scatters into its one cache buffer, so the cache is no longer rewritten), and
 end-to-end images/s of greedy sliding-window generation plus decoding. Needs an NVIDIA GPU,
 TensorRT, cuda-python and engines built by `taming-deploy build BUNDLE`; without them it stops with
 one line saying what is missing (exit code 2).
@@ -97,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:34s} {seconds * 1e3:9.3f} ms")
 
     weight_dtype = np.float16 if backend.precision == "fp16" else np.float32
-    cache_dtype = backend.bundle.graph("transformer", backend.precision).inputs[2].dtype
+    cache_dtype = cache.dtype  # of the past_* inputs and new_kv: fp16 graphs may keep the cache in fp32
     bound = decode_step_bound(spec, b, weight_dtype, cache_dtype, peak_bandwidth(gpu.memory_clock_khz, gpu.memory_bus_bits))
     measured = latency["transformer decode step (T=1)"]
     print(f"decode step: {measured * 1e3:.3f} ms measured, {bound.seconds * 1e3:.3f} ms bandwidth bound "
           f"({bound.weight_bytes / 1e6:.1f} MB weights of {(streamed_weight_count(spec) + embedding_weight_count(spec)) / 1e6:.2f} M "
-          f"parameters + {bound.cache_bytes / 1e6:.1f} MB cache read and written at {bound.bandwidth / 1e9:.0f} GB/s): "
+          f"parameters + {bound.cache_read_bytes / 1e6:.1f} MB cache read + {bound.new_kv_bytes / 1e3:.1f} kB new keys/values "
+          f"written, {np.dtype(cache_dtype).name} cache, at {bound.bandwidth / 1e9:.0f} GB/s): "
           f"{bound.seconds / measured:.0%} of the bound")
     if backend.cuda_graph_error:
         print(f"  cuda graph disabled: {backend.cuda_graph_error}")

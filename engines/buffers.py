@@ -1,11 +1,19 @@
-"""Byte sizes of the device buffers the TensorRT runtime allocates."""
+"""Byte sizes and offsets of the device buffers the TensorRT runtime allocates, and the strided copy
+that writes a step's new keys and values into the cache.
+
+The cache of ``batch`` sequences is one buffer laid out as (n_layer, 2, batch, n_head, block_size,
+head_dim), the layout of OrtCache.kv and of the PyTorch GPT's cache. The transformer's inputs
+past_key_i and past_value_i are the (batch, n_head, block_size, head_dim) sub-blocks [i, 0] and
+[i, 1] of it, so they are bound as addresses inside the one buffer, never copied.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from engines.profiles import Shape
+from engines.profiles import Shape, past_names
 from taming_deploy.spec import ModelSpec
 
 
@@ -17,18 +25,70 @@ def tensor_bytes(shape: Shape, dtype: np.dtype | str) -> int:
 
 
 def cache_bytes(spec: ModelSpec, batch: int, dtype: np.dtype | str) -> int:
-    """One transformer cache buffer (n_layer, 2, batch, n_head, block_size, head_dim)."""
+    """The transformer cache (n_layer, 2, batch, n_head, block_size, head_dim)."""
     return tensor_bytes(spec.cache_shape(batch), dtype)
+
+
+def new_kv_bytes(spec: ModelSpec, batch: int, tokens: int, dtype: np.dtype | str) -> int:
+    """The transformer's new_kv output for ``tokens`` fed tokens: (n_layer, 2, batch, n_head, tokens, head_dim)."""
+    return tensor_bytes((spec.n_layer, 2, batch, spec.n_head, tokens, spec.head_dim), dtype)
 
 
 def step_buffers(spec: ModelSpec, batch: int, cache_dtype: np.dtype | str, logits_dtype: np.dtype | str) -> dict[str, int]:
     """Device bytes of each allocation a transformer cache owns for ``batch`` sequences: the fed
-    tokens (room for a whole block), the 0-d position, the last position's logits, and two caches
-    (the step reads one and writes the other; they swap roles after every step)."""
+    tokens and the new_kv output (both with room for a whole block, the largest prefill), the 0-d
+    position, the last position's logits, and the one cache buffer the steps read and write."""
     return {
         "tokens": tensor_bytes((batch, spec.block_size), np.int64),
         "position": tensor_bytes((), np.int64),
         "logits": tensor_bytes((batch, spec.vocab_size), logits_dtype),
-        "cache": cache_bytes(spec, batch, cache_dtype),
-        "new_cache": cache_bytes(spec, batch, cache_dtype),
+        "kv": cache_bytes(spec, batch, cache_dtype),
+        "new_kv": new_kv_bytes(spec, batch, spec.block_size, cache_dtype),
     }
+
+
+def past_offsets(spec: ModelSpec, batch: int, dtype: np.dtype | str) -> dict[str, int]:
+    """Byte offset of every past_key_i / past_value_i input inside the cache buffer: layer i's keys
+    start at (2i) x slot bytes and its values at (2i + 1) x slot bytes, where a slot block is
+    batch x n_head x block_size x head_dim elements."""
+    block = tensor_bytes((batch, spec.n_head, spec.block_size, spec.head_dim), dtype)
+    names = past_names(spec.n_layer)
+    keys, values = names[: spec.n_layer], names[spec.n_layer :]
+    return {**{name: (2 * i) * block for i, name in enumerate(keys)}, **{name: (2 * i + 1) * block for i, name in enumerate(values)}}
+
+
+@dataclass(frozen=True)
+class Copy2D:
+    """The arguments of one cudaMemcpy2DAsync: ``height`` rows of ``width`` bytes, row r read at
+    src + r x src_pitch and written at dst + dst_offset + r x dst_pitch."""
+
+    dst_offset: int
+    dst_pitch: int
+    src_pitch: int
+    width: int
+    height: int
+
+    def extent(self, pitch: int, offset: int = 0) -> int:
+        """One past the last byte touched on a side with this pitch and start offset."""
+        return offset + (self.height - 1) * pitch + self.width if self.height else offset
+
+
+def scatter_new_kv(spec: ModelSpec, batch: int, tokens: int, position: int, dtype: np.dtype | str) -> Copy2D:
+    """The copy that does ``cache[:, :, :, :, position:position + tokens] = new_kv``.
+
+    Both tensors are rows of head_dim elements: new_kv (n_layer, 2, batch, n_head, tokens, head_dim)
+    is n_layer x 2 x batch x n_head runs of ``tokens`` consecutive rows, and the cache holds the same
+    runs with block_size rows each. So each run is one 2-D row of the copy: width = tokens x
+    head_dim x itemsize bytes, source pitch = the same (new_kv is dense), destination pitch =
+    block_size x head_dim x itemsize, starting ``position`` rows into the cache.
+    """
+    if tokens < 1 or position < 0 or position + tokens > spec.block_size:
+        raise ValueError(f"positions {position}..{position + tokens - 1} do not fit the block size {spec.block_size}")
+    row = spec.head_dim * np.dtype(dtype).itemsize
+    return Copy2D(
+        dst_offset=position * row,
+        dst_pitch=spec.block_size * row,
+        src_pitch=tokens * row,
+        width=tokens * row,
+        height=spec.n_layer * 2 * batch * spec.n_head,
+    )

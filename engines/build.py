@@ -29,7 +29,7 @@ from engines.engine_manifest import (
     read_engine_manifest,
     required_graphs,
 )
-from engines.profiles import Limits, Profile, graph_profiles
+from engines.profiles import Limits, Profile, graph_profiles, transformer_io_problem
 from taming_deploy.bundle import PRECISIONS, Bundle
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory
@@ -155,6 +155,9 @@ def build_engines(
     names = required_graphs(bundle.manifest, precision)
     if not names:
         raise UserError(f"{bundle_dir}: the bundle has no {precision} graphs; export them or choose another --precision")
+    if "transformer" in names and (reason := transformer_io_problem(bundle.graph("transformer", precision), bundle.spec)):
+        # checked before any build: the runtime could not drive such an engine (a bundle of an older export)
+        raise UserError(f"{bundle_dir}: {reason}; export the bundle again with this taming-deploy")
     builder = _Builder(trt, reusable_timing_cache(bundle_dir, environment), precision, workspace_gib, opt_level)
     target = engines_dir(bundle_dir)
     entries: dict[str, EngineEntry] = {}

@@ -3,7 +3,9 @@
 Every dynamic input axis of the four graphs is named in the manifest (see export/graphs.py):
 batch, height/width (pixels), latent_height/latent_width (tokens per side) and tokens (the
 transformer's T). Each name gets a (min, opt, max) range here, so the profile of any graph follows
-from its declared input shapes. The transformer gets two profiles, one execution context each:
+from its declared input shapes. The transformer's dynamic inputs are tokens (batch, tokens) and the
+2 x n_layer cache slots past_key_i / past_value_i (batch, n_head, block_size, head_dim), whose only
+dynamic axis is the batch. It gets two profiles, one execution context each:
 - prefill: T in 1..block_size, tuned for T = block_size (a prefill feeds the condition plus the
   window's tokens before the target: most of the block in the reference-equivalent mode);
 - decode: T = 1, the cached step that dominates sampling.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from taming_deploy.bundle import GraphFile
+from taming_deploy.bundle import GraphFile, TensorSpec
 from taming_deploy.errors import UserError
 from taming_deploy.spec import ModelSpec
 
@@ -69,6 +71,8 @@ class Profile:
     def violation(self, shapes: dict[str, Shape]) -> str | None:
         """Why these input shapes cannot run on this profile (and which build option to raise), or None."""
         for name, rng in self.shapes.items():
+            if name not in shapes:
+                return f"the engine's profile {self.name!r} has an input {name!r} this runtime does not feed; rebuild the engines"
             shape = tuple(shapes[name])
             if len(shape) != len(rng.max) or any(s < lo or s > hi for s, lo, hi in zip(shape, rng.min, rng.max)):
                 return (
@@ -127,3 +131,50 @@ def transformer_profile_index(profiles: list[Profile], tokens: int) -> int:
     """The profile a transformer call of ``tokens`` new tokens runs on: decode for one, else prefill."""
     wanted = "decode" if tokens == 1 else "prefill"
     return next(i for i, p in enumerate(profiles) if p.name == wanted)
+
+
+# -- the transformer's interface -----------------------------------------------------------------
+
+
+def past_names(n_layer: int) -> tuple[str, ...]:
+    """The transformer's cache inputs in graph order: past_key_0 .. past_key_{L-1}, then the values
+    (the names export/graphs.py gives them)."""
+    return tuple(f"past_key_{i}" for i in range(n_layer)) + tuple(f"past_value_{i}" for i in range(n_layer))
+
+
+def slot_shape(spec: ModelSpec, batch: int) -> Shape:
+    """One past_key_i / past_value_i input: (batch, n_head, block_size, head_dim)."""
+    return (batch, spec.n_head, spec.block_size, spec.head_dim)
+
+
+def transformer_shapes(spec: ModelSpec, batch: int, tokens: int) -> dict[str, Shape]:
+    """The shapes of every dynamic transformer input for a call feeding ``tokens`` tokens to ``batch``
+    sequences (what ``set_input_shape`` and ``Profile.violation`` take)."""
+    return {"tokens": (batch, tokens), **{name: slot_shape(spec, batch) for name in past_names(spec.n_layer)}}
+
+
+def transformer_io_problem(graph: GraphFile, spec: ModelSpec) -> str | None:
+    """Why a transformer graph is not the per-layer-past / new_kv interface this runtime drives
+    (export/graphs.py), or None. The runtime binds the past inputs inside one cache buffer and copies
+    new_kv into it byte for byte, so names, shapes and a shared cache dtype are all checked."""
+    layers, heads, slots, dim = spec.n_layer, spec.n_head, spec.block_size, spec.head_dim
+    past = past_names(layers)
+    expected_in: dict[str, tuple] = {"tokens": ("batch", "tokens"), "position": (), **{n: ("batch", heads, slots, dim) for n in past}}
+    expected_out: dict[str, tuple] = {"logits": ("batch", spec.vocab_size), "new_kv": (layers, 2, "batch", heads, "tokens", dim)}
+    for kind, actual, expected in (("inputs", graph.inputs, expected_in), ("outputs", graph.outputs, expected_out)):
+        by_name: dict[str, TensorSpec] = {t.name: t for t in actual}
+        if set(by_name) != set(expected):
+            return (f"{graph.file} has the transformer {kind} {sorted(by_name)}, not the {sorted(expected)} "
+                    "of this taming-deploy's transformer graph (per-layer past_key_i/past_value_i, new_kv)")
+        for name, shape in expected.items():
+            if tuple(by_name[name].shape) != shape:
+                return f"{graph.file}: transformer {name!r} has shape {tuple(by_name[name].shape)}, expected {shape}"
+    dtypes = {t.name: t.dtype for t in (*graph.inputs, *graph.outputs)}
+    cache_dtypes = {dtypes[n] for n in (*past, "new_kv")}
+    if len(cache_dtypes) != 1 or not cache_dtypes <= {"float32", "float16"}:
+        return f"{graph.file}: the past_* inputs and new_kv must share one float dtype, found {sorted(cache_dtypes)}"
+    wanted = {"tokens": "int64", "position": "int64", "logits": "float32"}
+    for name, dtype in wanted.items():
+        if dtypes[name] != dtype:
+            return f"{graph.file}: transformer {name!r} is {dtypes[name]}, expected {dtype}"
+    return None

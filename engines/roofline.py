@@ -1,9 +1,13 @@
 """The memory-bandwidth bound of one cached decode step.
 
 A decode step (T = 1) does little arithmetic per byte, so its floor is the time to move its bytes:
-every transformer weight it multiplies with, plus the cache. The step graph reads the whole past
-cache and writes a whole new one (the fixed-capacity cache is rewritten with Where, see
-training/models/gpt.py), so the minimum traffic is weights + 2 x cache.
+every transformer weight it multiplies with, plus the cache. The step graph attends over every slot
+of the fixed-capacity cache (the slots at or past the position are masked, not skipped), so it reads
+the whole cache, and it returns only the fed token's keys and values (new_kv, training/models/gpt.py)
+which the runtime writes into their slots: the cache is never rewritten. The minimum traffic is
+weights + one cache read + the new rows written once. (The runtime moves the new rows three times:
+the engine writes new_kv, the scatter copy reads it and writes the cache; that is 1/block_size of a
+cache read each, left out of the floor.)
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.buffers import cache_bytes
+from engines.buffers import cache_bytes, new_kv_bytes
 from taming_deploy.spec import ModelSpec
 
 
@@ -30,12 +34,17 @@ def embedding_weight_count(spec: ModelSpec) -> int:
 @dataclass(frozen=True)
 class StepBound:
     weight_bytes: int
-    cache_bytes: int  # read + written
+    cache_read_bytes: int  # the whole cache, read once
+    new_kv_bytes: int  # the fed token's keys and values, written once
     bandwidth: float  # bytes/s
 
     @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.cache_read_bytes + self.new_kv_bytes
+
+    @property
     def seconds(self) -> float:
-        return (self.weight_bytes + self.cache_bytes) / self.bandwidth
+        return self.total_bytes / self.bandwidth
 
 
 def peak_bandwidth(memory_clock_khz: int, bus_bits: int) -> float:
@@ -49,6 +58,7 @@ def decode_step_bound(spec: ModelSpec, batch: int, weight_dtype: np.dtype | str,
     itemsize = np.dtype(weight_dtype).itemsize
     return StepBound(
         weight_bytes=streamed_weight_count(spec) * itemsize,
-        cache_bytes=2 * cache_bytes(spec, batch, cache_dtype),
+        cache_read_bytes=cache_bytes(spec, batch, cache_dtype),
+        new_kv_bytes=new_kv_bytes(spec, batch, 1, cache_dtype),
         bandwidth=bandwidth,
     )

@@ -4,22 +4,34 @@ Each engine gets one execution context per optimisation profile (the transformer
 decode). Inputs are copied to device buffers, ``set_input_shape`` + ``set_tensor_address`` bind
 them, ``execute_async_v3`` runs on one CUDA stream.
 
-The transformer cache never leaves the GPU: a TrtCache owns two device buffers that swap roles after
-every step (the engine reads ``current`` and writes ``spare``), as OrtCache does with ONNX Runtime
-values. Per step only the new tokens and the position go up, and only the last position's logits,
-(batch, vocab) floats, come back. Sampling stays on the host: it is a few microseconds for one row of
-logits, and keeping it in NumPy keeps one sampler (one random number stream, one top-k/top-p code
-path) shared by all backends, so a seed means the same thing everywhere.
+The transformer cache never leaves the GPU. A TrtCache owns one device buffer laid out (n_layer, 2,
+batch, n_head, block_size, head_dim), as OrtCache.kv on the host; the engine's past_key_i /
+past_value_i inputs are bound to addresses inside it (engines.buffers.past_offsets). The engine
+reads the cache and returns only the fed tokens' keys and values (new_kv, into a per-cache buffer
+with room for a whole block); one strided device-to-device copy (cudaMemcpy2DAsync,
+engines.buffers.scatter_new_kv) then writes them into slots position..position+T-1. Per step only
+the new tokens and the position go up, and only the last position's logits, (batch, vocab) floats,
+come back. Sampling stays on the host: it is a few microseconds for one row of logits, and keeping
+it in NumPy keeps one sampler (one random number stream, one top-k/top-p code path) shared by all
+backends, so a seed means the same thing everywhere.
 
-With ``cuda_graph=True`` the decode step (T = 1) is captured once per cache and buffer parity into a
-CUDA graph and replayed, which removes the per-kernel launch cost that dominates small decode steps.
-The first decode step of each parity runs normally (TensorRT must run once after shapes change
-before it can be captured); if capture fails the backend keeps running without graphs and records why
-in ``cuda_graph_error``.
+With ``cuda_graph=True`` the engine execution of the decode step (T = 1) is captured once per cache
+into a CUDA graph and replayed, which removes the per-kernel launch cost that dominates small decode
+steps. Only the execution is captured: its addresses and shapes are fixed per cache and the position
+is read from device memory, whereas the scatter copy's destination moves with the position, so the
+copy is issued after each replay as an ordinary call on the same stream (one API call, instead of
+updating a graph node every step). The decode context is shared by all caches. TensorRT documents
+that enqueue must run once after an input shape change before a capture, not whether a graph stays
+valid once its context has been bound to other addresses and run; so, conservatively, a cache's graph
+is replayed only while the decode context's last ordinary run was for that same cache: the first
+decode step of a cache, and the first after another cache used the decode context, run normally
+(the first one is then captured). If capture fails the backend keeps running without graphs and
+records why in ``cuda_graph_error``.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from engines import cuda, deps
-from engines.buffers import step_buffers
+from engines.buffers import past_offsets, scatter_new_kv, step_buffers
 from engines.engine_manifest import EngineEntry, Environment, engines_dir, incompatibility, io_mismatch, read_engine_manifest
-from engines.profiles import Profile, transformer_profile_index
+from engines.profiles import Profile, past_names, transformer_io_problem, transformer_profile_index, transformer_shapes
 from taming_deploy.bundle import Bundle
 from taming_deploy.errors import UserError
 
@@ -50,13 +62,16 @@ class TrtCache:
     """A transformer cache for ``batch`` sequences, resident on the GPU."""
 
     batch: int
-    current: cuda.DeviceBuffer  # holds the sequence so far; the next step reads it
-    spare: cuda.DeviceBuffer  # the next step writes the updated cache here, then they swap
+    kv: cuda.DeviceBuffer  # (n_layer, 2, batch, n_head, block_size, head_dim): the engine reads it, the scatter writes it
+    new_kv: cuda.DeviceBuffer  # the engine's new_kv output, room for T = block_size
     tokens: cuda.DeviceBuffer
     position: cuda.DeviceBuffer
     logits: cuda.DeviceBuffer
     logits_host: np.ndarray
-    graphs: dict[int, cuda.CudaGraph] = field(default_factory=dict)  # address read by the graph -> graph
+    dtype: np.dtype  # of the cache and new_kv
+    addresses: dict[str, int] = field(default_factory=dict)  # every transformer tensor -> its device address
+    graph: cuda.CudaGraph | None = None  # the captured decode-step execution, once there is one
+    serial: int = field(default_factory=itertools.count().__next__)  # tells caches apart for the decode context
 
 
 class TrtBackend:
@@ -81,6 +96,13 @@ class TrtBackend:
         self._runtime = trt.Runtime(self._logger)
         self.stream = cuda.Stream()
         self._scratch: dict[str, cuda.DeviceBuffer] = {}
+        self._decode_bound: int | None = None  # serial of the cache the decode context last ran for normally
+        if self.bundle.has_graph("transformer", self.precision):
+            if reason := transformer_io_problem(self.bundle.graph("transformer", self.precision), self.spec):
+                raise UserError(
+                    f"{bundle_dir}: {reason}; export the bundle again with this taming-deploy, then rebuild the engines "
+                    f"with `taming-deploy build {bundle_dir}`"
+                )
         self._engines = {
             name: self._load(directory, name, entry)
             for name, entry in manifest.engines.items()
@@ -145,9 +167,9 @@ class TrtBackend:
         return context
 
     @staticmethod
-    def _bind(context: Any, name: str, buffers: dict[str, cuda.DeviceBuffer]) -> None:
-        for tensor, buffer in buffers.items():
-            if not context.set_tensor_address(tensor, buffer.ptr):
+    def _bind(context: Any, name: str, addresses: dict[str, int]) -> None:
+        for tensor, address in addresses.items():
+            if not context.set_tensor_address(tensor, address):
                 raise UserError(f"TensorRT refused the device address of {tensor!r} for the {name} engine")
 
     def _execute(self, context: Any, name: str) -> None:
@@ -163,7 +185,7 @@ class TrtBackend:
         src = self._buffer(f"{name}/{input_name}", array.nbytes)
         dst = self._buffer(f"{name}/{output_name}", out.nbytes)
         cuda.copy_to_device(src, array, self.stream)
-        self._bind(context, name, {input_name: src, output_name: dst})
+        self._bind(context, name, {input_name: src.ptr, output_name: dst.ptr})
         self._execute(context, name)
         cuda.copy_to_host(out, dst, self.stream)
         self.stream.synchronize()
@@ -185,23 +207,35 @@ class TrtBackend:
     def new_cache(self, batch: int) -> TrtCache:
         engine = self._engines["transformer"]
         decode = transformer_profile_index(engine.profiles, 1)
-        if reason := engine.profiles[decode].violation({"tokens": (batch, 1), "cache": self.spec.cache_shape(batch)}):
+        if reason := engine.profiles[decode].violation(transformer_shapes(self.spec, batch, 1)):
             raise UserError(f"the transformer engine cannot take a batch of {batch}: {reason}")
-        sizes = step_buffers(self.spec, batch, engine.dtypes["cache"], engine.dtypes["logits"])
-        buffers = {key: cuda.DeviceBuffer(nbytes) for key, nbytes in sizes.items()}
-        # Zeros matter: slots past the position are masked out of the softmax, but garbage there
-        # (NaN, inf) would still reach the output through 0 * NaN in the attention-weighted sum.
-        cuda.fill_zero(buffers["cache"], self.stream)
-        cuda.fill_zero(buffers["new_cache"], self.stream)
-        self.stream.synchronize()
+        dtype = engine.dtypes[past_names(self.spec.n_layer)[0]]  # transformer_io_problem: every past input and new_kv
+        sizes = step_buffers(self.spec, batch, dtype, engine.dtypes["logits"])
+        buffers: dict[str, cuda.DeviceBuffer] = {}
+        try:
+            for key, nbytes in sizes.items():
+                buffers[key] = cuda.DeviceBuffer(nbytes)
+            # Zeros matter: slots past the position are masked out of the softmax, but garbage there
+            # (NaN, inf) would still reach the output through 0 * NaN in the attention-weighted sum.
+            cuda.fill_zero(buffers["kv"], self.stream)
+            self.stream.synchronize()
+        except BaseException:  # out of memory half-way: give back what was allocated now, not at collection
+            for buffer in buffers.values():
+                buffer.free()
+            raise
+        kv = buffers["kv"]
+        addresses = {name: kv.ptr + offset for name, offset in past_offsets(self.spec, batch, dtype).items()}
+        addresses.update({name: buffers[name].ptr for name in ("tokens", "position", "logits", "new_kv")})
         return TrtCache(
             batch=batch,
-            current=buffers["cache"],
-            spare=buffers["new_cache"],
+            kv=kv,
+            new_kv=buffers["new_kv"],
             tokens=buffers["tokens"],
             position=buffers["position"],
             logits=buffers["logits"],
             logits_host=np.empty((batch, self.spec.vocab_size), engine.dtypes["logits"]),
+            dtype=dtype,
+            addresses=addresses,
         )
 
     def transformer_step(self, tokens: np.ndarray, position: int, cache: TrtCache) -> np.ndarray:
@@ -209,32 +243,40 @@ class TrtBackend:
         batch, count = tokens.shape
         if batch != cache.batch:
             raise ValueError(f"{batch} sequences fed to a cache made for {cache.batch}")
-        if position < 0 or position + count > self.spec.block_size:
+        if count < 1 or position < 0 or position + count > self.spec.block_size:
             raise ValueError(f"positions {position}..{position + count - 1} exceed the block size {self.spec.block_size}")
         engine = self._engines["transformer"]
         index = transformer_profile_index(engine.profiles, count)
         cuda.copy_to_device(cache.tokens, tokens, self.stream)
         cuda.copy_to_device(cache.position, np.array(position, dtype=np.int64), self.stream)
         use_graph = self.cuda_graph and count == 1
-        graph = cache.graphs.get(cache.current.ptr) if use_graph else None
-        if graph is not None:
-            graph.launch()
+        replay = use_graph and cache.graph is not None and self._decode_bound == cache.serial
+        if replay:
+            cache.graph.launch()  # type: ignore[union-attr]
         else:
-            context = self._set_shapes(engine, index, {"tokens": (batch, count), "cache": self.spec.cache_shape(batch)})
-            self._bind(context, "transformer", {"tokens": cache.tokens, "position": cache.position, "cache": cache.current,
-                                                "new_cache": cache.spare, "logits": cache.logits})
+            decoding = count == 1
+            if decoding:
+                self._decode_bound = None  # the decode context is rebound below; valid again once it has run
+            context = self._set_shapes(engine, index, transformer_shapes(self.spec, batch, count))
+            self._bind(context, "transformer", cache.addresses)
             self._execute(context, "transformer")
+            if decoding:
+                self._decode_bound = cache.serial
+        # the same stream orders the copy after the engine has read the cache and written new_kv
+        copy = scatter_new_kv(self.spec, batch, count, position, cache.dtype)
+        cuda.copy_2d_on_device(cache.kv, copy.dst_offset, copy.dst_pitch, cache.new_kv, copy.src_pitch,
+                               copy.width, copy.height, self.stream)
         cuda.copy_to_host(cache.logits_host, cache.logits, self.stream)
         self.stream.synchronize()
-        if use_graph and graph is None:
+        if use_graph and cache.graph is None:
             self._capture(engine.contexts[index], cache)
-        cache.current, cache.spare = cache.spare, cache.current
         return cache.logits_host.astype(np.float32)
 
     def _capture(self, context: Any, cache: TrtCache) -> None:
-        """Capture the step just run (same shapes, same addresses) for replay on this parity."""
+        """Capture the engine execution just run (same shapes, same addresses: this cache's) for
+        replay by this cache's next decode steps. The scatter copy stays outside the graph."""
         try:
-            cache.graphs[cache.current.ptr] = cuda.CudaGraph(self.stream, lambda: self._execute(context, "transformer"))
+            cache.graph = cuda.CudaGraph(self.stream, lambda: self._execute(context, "transformer"))
         except UserError as exc:
             self.cuda_graph, self.cuda_graph_error = False, str(exc)
 

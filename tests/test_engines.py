@@ -1,7 +1,9 @@
-"""The TensorRT code that runs without a GPU: profiles, engines.json compatibility, buffer sizes, the
-decode-step bound, backend choice, ONNX op support, and the errors on a machine without TensorRT."""
+"""The TensorRT code that runs without a GPU: profiles, engines.json compatibility, buffer sizes and
+offsets, the new_kv scatter arithmetic, the decode-step bound, backend choice, ONNX op support, and the
+errors on a machine without TensorRT."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from engines import deps, onnx_support
-from engines.buffers import cache_bytes, step_buffers, tensor_bytes
+from engines.buffers import Copy2D, cache_bytes, new_kv_bytes, past_offsets, scatter_new_kv, step_buffers, tensor_bytes
 from engines.build import build_engines, check_options, network_flags, reusable_timing_cache
 from engines.engine_manifest import (
     ENGINES_MANIFEST,
@@ -27,7 +29,16 @@ from engines.engine_manifest import (
     io_mismatch,
     read_engine_manifest,
 )
-from engines.profiles import Limits, Profile, TensorRange, graph_profiles, transformer_profile_index
+from engines.profiles import (
+    Limits,
+    Profile,
+    TensorRange,
+    graph_profiles,
+    past_names,
+    transformer_io_problem,
+    transformer_profile_index,
+    transformer_shapes,
+)
 from engines.roofline import decode_step_bound, embedding_weight_count, peak_bandwidth, streamed_weight_count
 from engines.runtime import load_trt_backend, probe_trt_backend
 from engines.select import choose_backend
@@ -47,7 +58,8 @@ def graph_file(name: str, precision: str, sha: str = "a" * 64) -> GraphFile:
     """A manifest entry with the I/O of export/graphs.py."""
     t = lambda n, dtype, shape: TensorSpec(n, dtype, shape)  # noqa: E731
     f = "float16" if precision == "fp16" else "float32"
-    cache = (SPEC.n_layer, 2, "batch", SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+    slots = ("batch", SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+    new_kv = (SPEC.n_layer, 2, "batch", SPEC.n_head, "tokens", SPEC.head_dim)
     io = {
         "encoder": ([t("image", "float32", ("batch", 3, "height", "width"))],
                     [t("indices", "int64", ("batch", "latent_height", "latent_width"))]),
@@ -55,8 +67,9 @@ def graph_file(name: str, precision: str, sha: str = "a" * 64) -> GraphFile:
                     [t("image", "float32", ("batch", 3, "height", "width"))]),
         "cond_encoder": ([t("labels", "int64", ("batch", "height", "width"))],
                          [t("indices", "int64", ("batch", "latent_height", "latent_width"))]),
-        "transformer": ([t("tokens", "int64", ("batch", "tokens")), t("position", "int64", ()), t("cache", f, cache)],
-                        [t("logits", "float32", ("batch", SPEC.vocab_size)), t("new_cache", f, cache)]),
+        "transformer": ([t("tokens", "int64", ("batch", "tokens")), t("position", "int64", ()),
+                         *(t(name, f, slots) for name in past_names(SPEC.n_layer))],
+                        [t("logits", "float32", ("batch", SPEC.vocab_size)), t("new_kv", f, new_kv)]),
     }[name]
     suffix = ".fp16" if precision == "fp16" else ""
     return GraphFile(f"{name}{suffix}.onnx", sha, precision, tuple(io[0]), tuple(io[1]))
@@ -106,12 +119,50 @@ def test_transformer_gets_a_prefill_and_a_decode_profile():
     profiles = graph_profiles("transformer", graph_file("transformer", "fp16"), SPEC, Limits(max_batch=3))
     assert [p.name for p in profiles] == ["prefill", "decode"]
     prefill, decode = profiles
-    assert set(prefill.shapes) == {"tokens", "cache"}  # the 0-d position is static: no profile entry
+    past = past_names(4)
+    assert past == ("past_key_0", "past_key_1", "past_key_2", "past_key_3",
+                    "past_value_0", "past_value_1", "past_value_2", "past_value_3")
+    assert set(prefill.shapes) == {"tokens", *past}  # the 0-d position is static: no profile entry
     assert prefill.shapes["tokens"] == TensorRange((1, 1), (1, 512), (3, 512))
     assert decode.shapes["tokens"] == TensorRange((1, 1), (1, 1), (3, 1))
-    assert decode.shapes["cache"] == TensorRange((4, 2, 1, 8, 512, 32), (4, 2, 1, 8, 512, 32), (4, 2, 3, 8, 512, 32))
+    for profile in profiles:  # every layer's slots: only the batch is dynamic
+        for name in past:
+            assert profile.shapes[name] == TensorRange((1, 8, 512, 32), (1, 8, 512, 32), (3, 8, 512, 32)), name
     assert transformer_profile_index(profiles, 1) == 1
     assert transformer_profile_index(profiles, 7) == 0
+    assert decode.violation(transformer_shapes(SPEC, 3, 1)) is None
+    assert prefill.violation(transformer_shapes(SPEC, 2, 512)) is None
+    assert decode.violation(transformer_shapes(SPEC, 2, 2)) is not None
+    too_many = decode.violation(transformer_shapes(SPEC, 4, 1))
+    assert too_many is not None and "--max-batch" in too_many
+    assert "rebuild" in decode.violation({"tokens": (1, 1)})  # an input the engine has and the caller lacks
+
+
+def test_past_names_are_the_exporters():
+    pytest.importorskip("torch", reason="export.graphs needs PyTorch")
+    from export.graphs import past_names as exported_names
+
+    assert past_names(3) == exported_names(3)
+
+
+def test_transformer_interface_check():
+    for precision in ("fp32", "fp16"):
+        assert transformer_io_problem(graph_file("transformer", precision), SPEC) is None
+    good = graph_file("transformer", "fp16")
+    cache = (SPEC.n_layer, 2, "batch", SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+    old = GraphFile(good.file, good.sha256, "fp16",
+                    (good.inputs[0], good.inputs[1], TensorSpec("cache", "float16", cache)),
+                    (good.outputs[0], TensorSpec("new_cache", "float16", cache)))
+    reason = transformer_io_problem(old, SPEC)
+    assert reason is not None and "'cache'" in reason and "past_key_i" in reason
+    mixed = GraphFile(good.file, good.sha256, "fp16", good.inputs,
+                      (good.outputs[0], TensorSpec("new_kv", "float32", good.outputs[1].shape)))
+    assert "one float dtype" in transformer_io_problem(mixed, SPEC)
+    short = GraphFile(good.file, good.sha256, "fp16", (*good.inputs[:-1], TensorSpec("past_value_3", "float16", ("batch", 8, 256, 32))),
+                      good.outputs)
+    assert "'past_value_3'" in transformer_io_problem(short, SPEC)
+    assert transformer_io_problem(good, dataclasses.replace(SPEC, n_layer=3)) is not None
+    assert transformer_io_problem(good, dataclasses.replace(SPEC, block_size=256)) is not None
 
 
 @pytest.mark.parametrize("limits, message", [
@@ -198,12 +249,15 @@ def test_engine_manifest_errors_say_what_to_do(tmp_path):
 
 def test_io_mismatch_compares_names_directions_and_dtypes():
     graph = graph_file("transformer", "fp16")
-    good = [("tokens", True, "int64"), ("position", True, "int64"), ("cache", True, "float16"),
-            ("logits", False, "float32"), ("new_cache", False, "float16")]
+    good = [("tokens", True, "int64"), ("position", True, "int64"), *((n, True, "float16") for n in past_names(4)),
+            ("logits", False, "float32"), ("new_kv", False, "float16")]
     assert io_mismatch(good, graph) is None
     assert io_mismatch(list(reversed(good)), graph) is None  # engine tensor order is TensorRT's
-    assert io_mismatch([*good[:2], ("cache", True, "float32"), *good[3:]], graph) is not None
+    assert io_mismatch([*good[:2], ("past_key_0", True, "float32"), *good[3:]], graph) is not None
     assert io_mismatch(good[:-1], graph) is not None
+    old = [("tokens", True, "int64"), ("position", True, "int64"), ("cache", True, "float16"),
+           ("logits", False, "float32"), ("new_cache", False, "float16")]
+    assert io_mismatch(old, graph) is not None
 
 
 def test_timing_cache_is_reused_only_from_the_same_tensorrt_and_gpu(tmp_path):
@@ -226,9 +280,68 @@ def test_buffer_sizes():
     with pytest.raises(ValueError):
         tensor_bytes((-1, 3), "float32")
     assert cache_bytes(SPEC, 2, "float16") == 4 * 2 * 2 * 8 * 512 * 32 * 2
+    assert new_kv_bytes(SPEC, 2, 1, "float32") == 4 * 2 * 2 * 8 * 1 * 32 * 4
     sizes = step_buffers(SPEC, 3, "float16", "float32")
+    # one cache (no second buffer to swap with) and new_kv with room for a whole-block prefill
     assert sizes == {"tokens": 3 * 512 * 8, "position": 8, "logits": 3 * 1024 * 4,
-                     "cache": cache_bytes(SPEC, 3, "float16"), "new_cache": cache_bytes(SPEC, 3, "float16")}
+                     "kv": cache_bytes(SPEC, 3, "float16"), "new_kv": 4 * 2 * 3 * 8 * 512 * 32 * 2}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_past_offsets_address_each_layers_slots_in_the_one_cache(dtype):
+    spec = ModelSpec(4, 32, 40, 6, 3, 2, 8, ConditionSpec("unconditional"))  # 3 layers, 2 heads, head_dim 4, block 6
+    batch = 2
+    cache = np.arange(np.prod(spec.cache_shape(batch))).astype(dtype).reshape(spec.cache_shape(batch))
+    flat = cache.reshape(-1).view(np.uint8)
+    offsets = past_offsets(spec, batch, dtype)
+    assert set(offsets) == set(past_names(3))
+    block = tensor_bytes((batch, 2, 6, 4), dtype)
+    assert offsets["past_key_0"] == 0 and offsets["past_value_0"] == block and offsets["past_key_1"] == 2 * block
+    for layer in range(3):
+        for kind, name in enumerate((f"past_key_{layer}", f"past_value_{layer}")):
+            start = offsets[name]
+            view = flat[start : start + block].view(dtype).reshape(batch, 2, 6, 4)
+            np.testing.assert_array_equal(view, cache[layer, kind])  # what the engine reads as that input
+
+
+def apply_copy_2d(dst: np.ndarray, src: np.ndarray, copy: Copy2D) -> None:
+    """cudaMemcpy2D's documented semantics on byte arrays: ``height`` rows of ``width`` bytes, row r
+    from src + r * spitch to dst + r * dpitch; width may not exceed either pitch."""
+    assert copy.width <= copy.dst_pitch and copy.width <= copy.src_pitch
+    assert copy.extent(copy.dst_pitch, copy.dst_offset) <= dst.size and copy.extent(copy.src_pitch) <= src.size
+    for r in range(copy.height):
+        d, s_ = copy.dst_offset + r * copy.dst_pitch, r * copy.src_pitch
+        dst[d : d + copy.width] = src[s_ : s_ + copy.width]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("batch, tokens, position", [(1, 1, 0), (2, 1, 5), (2, 3, 2), (3, 7, 0), (1, 4, 3), (2, 1, 6)])
+def test_new_kv_scatter_is_the_numpy_slice_assignment(dtype, batch, tokens, position):
+    """The runtime's one cudaMemcpy2DAsync does what OrtCache does with numpy:
+    kv[:, :, :, :, position:position + T] = new_kv."""
+    spec = ModelSpec(4, 32, 40, 7, 3, 2, 6, ConditionSpec("unconditional"))  # block 7, 3 layers, 2 heads, head_dim 3
+    rng = np.random.default_rng(batch * 100 + tokens * 10 + position)
+    cache = rng.standard_normal(spec.cache_shape(batch)).astype(dtype)
+    new_kv = rng.standard_normal((3, 2, batch, 2, tokens, 3)).astype(dtype)
+    expected = cache.copy()
+    expected[:, :, :, :, position : position + tokens] = new_kv
+    # the device buffer holds new_kv for T tokens at its start; the rest (room for a whole block) is stale
+    src = np.full(new_kv_bytes(spec, batch, spec.block_size, dtype), 0xAB, np.uint8)
+    src[: new_kv.nbytes] = new_kv.reshape(-1).view(np.uint8)
+    dst = cache.reshape(-1).view(np.uint8).copy()
+    copy = scatter_new_kv(spec, batch, tokens, position, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    assert copy == Copy2D(dst_offset=position * 3 * itemsize, dst_pitch=7 * 3 * itemsize, src_pitch=tokens * 3 * itemsize,
+                          width=tokens * 3 * itemsize, height=3 * 2 * batch * 2)
+    apply_copy_2d(dst, src, copy)
+    np.testing.assert_array_equal(dst.view(dtype).reshape(cache.shape), expected)
+
+
+def test_new_kv_scatter_refuses_positions_outside_the_block():
+    spec = ModelSpec(4, 32, 40, 7, 3, 2, 6, ConditionSpec("unconditional"))
+    for tokens, position in ((1, 7), (3, 5), (0, 0), (1, -1)):
+        with pytest.raises(ValueError, match="block size 7"):
+            scatter_new_kv(spec, 1, tokens, position, np.float32)
 
 
 def test_weight_counts_match_the_pytorch_model():
@@ -247,8 +360,11 @@ def test_decode_step_bound():
     assert peak_bandwidth(1_000_000, 256) == 64e9  # 1 GHz x 2 transfers x 32 bytes
     bound = decode_step_bound(SPEC, 1, np.float16, np.float16, 100e9)
     assert bound.weight_bytes == streamed_weight_count(SPEC) * 2
-    assert bound.cache_bytes == 2 * cache_bytes(SPEC, 1, np.float16)
-    assert bound.seconds == pytest.approx((bound.weight_bytes + bound.cache_bytes) / 100e9)
+    assert bound.cache_read_bytes == cache_bytes(SPEC, 1, np.float16)  # read once; no longer rewritten
+    assert bound.new_kv_bytes == SPEC.n_layer * 2 * SPEC.n_head * SPEC.head_dim * 2  # one token's keys and values
+    assert bound.seconds == pytest.approx((bound.weight_bytes + bound.cache_read_bytes + bound.new_kv_bytes) / 100e9)
+    fp32_cache = decode_step_bound(SPEC, 2, np.float16, np.float32, 100e9)  # fp16 weights may keep an fp32 cache
+    assert fp32_cache.cache_read_bytes == cache_bytes(SPEC, 2, np.float32) and fp32_cache.weight_bytes == bound.weight_bytes
 
 
 # -- backend choice -----------------------------------------------------------------------------

@@ -4,9 +4,10 @@ The stand-ins implement only the calls the engines package makes, with the docum
 device memory is host bytes, an "engine" is a small NumPy kernel. They cannot tell whether
 TensorRT itself behaves as documented (the GPU tests do that); they check the logic around it: the
 build writes what engines.json promises, only strong typing and no precision flag is used, the
-timing cache is carried over, every CUDA status is checked, the transformer cache stays in the two
-device buffers and swaps correctly, T = 1 runs on the decode profile, and a CUDA-graph replay gives
-the same tokens.
+timing cache is carried over, every CUDA status is checked, the transformer cache is one device
+buffer whose per-layer slots are bound as the past inputs and into which each step's new_kv is
+scattered by one strided copy (the fake engine never writes the cache), T = 1 runs on the decode
+profile, and a CUDA-graph replay gives the same tokens.
 """
 from __future__ import annotations
 
@@ -27,20 +28,24 @@ from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions
 from taming_deploy.spec import ConditionSpec, ModelSpec
 
-SPEC = ModelSpec(downsample_factor=4, image_codebook_size=16, vocab_size=16, block_size=32, n_layer=1, n_head=1,
-                 n_embd=2, condition=ConditionSpec("segmentation", codebook_size=16, n_labels=5), window=(3, 3))
+# two layers and two heads of head_dim 2: the per-layer offsets and the 2-D copy have rows to get wrong
+SPEC = ModelSpec(downsample_factor=4, image_codebook_size=16, vocab_size=16, block_size=32, n_layer=2, n_head=2,
+                 n_embd=4, condition=ConditionSpec("segmentation", codebook_size=16, n_labels=5), window=(3, 3))
 
 
 class Status(enum.IntEnum):
     cudaSuccess = 0
+    cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
+    cudaErrorInvalidPitchValue = 12
 
 
 class FakeCudart:
-    """cuda.bindings.runtime: (status, *results) tuples; device memory is a dict of bytearrays."""
+    """cuda.bindings.runtime: (status, *results) tuples; device memory is a dict of bytearrays keyed
+    by allocation address, and a pointer may point anywhere inside an allocation."""
 
     cudaError_t = Status
-    cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3)
     cudaDeviceAttr = SimpleNamespace(cudaDevAttrMemoryClockRate="clock", cudaDevAttrGlobalMemoryBusWidth="bus")
     cudaStreamCaptureMode = SimpleNamespace(cudaStreamCaptureModeThreadLocal=2)
     OK = (Status.cudaSuccess,)
@@ -51,9 +56,23 @@ class FakeCudart:
         self.capturing: list | None = None
         self.launches = 0
         self.fail_malloc = False
+        self.mallocs_left: int | None = None  # fail after this many more allocations
+        self.fail_copy_2d = False
+        self.copies: list[tuple] = []  # ("H2D" | "D2H", nbytes) and ("2D", dst, dpitch, src, spitch, width, height)
+
+    def locate(self, ptr: int, nbytes: int) -> tuple[bytearray, int] | None:
+        """The allocation holding [ptr, ptr + nbytes) and the offset of ptr in it, or None."""
+        for base, block in self.memory.items():
+            if base <= ptr and ptr + nbytes <= base + len(block):
+                return block, ptr - base
+        return None
 
     def array(self, ptr: int, dtype, shape) -> np.ndarray:
-        return np.frombuffer(self.memory[ptr], dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        found = self.locate(ptr, nbytes)
+        assert found is not None, f"{nbytes} bytes at {ptr:#x} are outside every allocation"
+        block, offset = found
+        return np.frombuffer(block, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
 
     def cudaGetDeviceCount(self): return (Status.cudaSuccess, 1)
     def cudaGetDevice(self): return (Status.cudaSuccess, 0)
@@ -64,10 +83,12 @@ class FakeCudart:
     def cudaGetErrorString(self, status): return (Status.cudaSuccess, b"fake error")
 
     def cudaMalloc(self, nbytes):
+        if self.mallocs_left is not None:
+            self.fail_malloc, self.mallocs_left = self.mallocs_left <= 0, self.mallocs_left - 1
         if self.fail_malloc:
             return (Status.cudaErrorMemoryAllocation, None)
         ptr, self.next_ptr = self.next_ptr, self.next_ptr + nbytes + 256
-        self.memory[ptr] = bytearray(nbytes)
+        self.memory[ptr] = bytearray(b"\xff" * nbytes)  # cudaMalloc does not clear memory: NaN until written
         return (Status.cudaSuccess, ptr)
 
     def cudaFree(self, ptr):
@@ -76,9 +97,34 @@ class FakeCudart:
 
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):
         if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
-            self.memory[dst][:count] = ctypes.string_at(src, count)
+            self.copies.append(("H2D", count))
+            self.array(dst, np.uint8, (count,))[...] = np.frombuffer(ctypes.string_at(src, count), np.uint8)
+        elif kind == self.cudaMemcpyKind.cudaMemcpyDeviceToHost:
+            self.copies.append(("D2H", count))
+            ctypes.memmove(dst, self.array(src, np.uint8, (count,)).tobytes(), count)
         else:
-            ctypes.memmove(dst, bytes(self.memory[src][:count]), count)
+            return (Status.cudaErrorInvalidValue,)
+        return self.OK
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        """The documented semantics: ``height`` rows of ``width`` bytes from src + r * spitch to
+        dst + r * dpitch; width may not exceed either pitch."""
+        if self.fail_copy_2d or kind != self.cudaMemcpyKind.cudaMemcpyDeviceToDevice:
+            return (Status.cudaErrorInvalidValue,)
+        if width > dpitch or width > spitch:
+            return (Status.cudaErrorInvalidPitchValue,)
+        extent = lambda pitch: (height - 1) * pitch + width  # noqa: E731
+        if self.locate(dst, extent(dpitch)) is None or self.locate(src, extent(spitch)) is None:
+            return (Status.cudaErrorInvalidValue,)  # a real GPU would write out of bounds; the fake refuses
+        self.copies.append(("2D", dst, dpitch, src, spitch, width, height))
+
+        def op():
+            for r in range(height):
+                self.array(dst + r * dpitch, np.uint8, (width,))[...] = self.array(src + r * spitch, np.uint8, (width,))
+        if self.capturing is not None:
+            self.capturing.append(op)
+        else:
+            op()
         return self.OK
 
     def cudaMemsetAsync(self, ptr, value, count, stream):
@@ -108,31 +154,46 @@ class FakeCudart:
         return self.OK
 
 
-def toy_step(tokens: np.ndarray, position: int, cache: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A transformer stand-in whose next token depends on every token fed so far, through the cache."""
-    new = cache.copy()
-    t = tokens.shape[1]
-    new[0, 0, :, 0, position : position + t, 0] = tokens
-    seen = new[0, 0, :, 0, : position + t, 0]
-    score = (seen * np.arange(1, position + t + 1)).sum(axis=1).astype(np.int64)
-    logits = np.zeros((tokens.shape[0], SPEC.vocab_size), np.float32)
-    logits[np.arange(len(score)), score % SPEC.vocab_size] = 1.0
-    return logits, new
+KV_SCALE = 1 + np.arange(SPEC.n_layer * 2 * SPEC.n_head * SPEC.head_dim).reshape(SPEC.n_layer, 2, SPEC.n_head, SPEC.head_dim)
+
+
+def toy_step(tokens: np.ndarray, position: int, keys: list[np.ndarray], values: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A transformer stand-in with the graph's interface: per-layer past keys/values (B, H, S, D) ->
+    logits (B, V) and the fed tokens' new_kv (L, 2, B, H, T, D). Token x's key/value entry (l, k, h, d)
+    is x * KV_SCALE[l, k, h, d], a different multiple for every layer, kind, head and dim; the next
+    token depends on every slot before ``position`` through sum(past * KV_SCALE * (slot + 1)), so a
+    cache entry written to the wrong layer, kind, head, dim or slot changes the tokens (the pairing of
+    KV_SCALE with itself is maximal only for the right arrangement). Slots at or past ``position`` are
+    ignored, as the real graph masks them."""
+    b, t = tokens.shape
+    new_kv = (tokens[None, None, :, None, :, None] * KV_SCALE[:, :, None, :, None, :]).astype(dtype)
+    past = np.stack([np.stack((k, v)) for k, v in zip(keys, values)])  # (L, 2, B, H, S, D)
+    seen = np.rint(past[:, :, :, :, :position].astype(np.float64)).astype(np.int64)
+    score = np.einsum("lkbhsd,s,lkhd->b", seen, np.arange(1, position + 1), KV_SCALE)
+    score += np.einsum("lkbhtd,t,lkhd->b", new_kv.astype(np.int64), np.arange(position + 1, position + t + 1), KV_SCALE)
+    logits = np.zeros((b, SPEC.vocab_size), np.float32)
+    logits[np.arange(b), score % SPEC.vocab_size] = 1.0
+    return logits, new_kv
 
 
 class ToyBackend:
-    """The same toy model on the host: the oracle the TensorRT runtime is compared with."""
+    """The same toy model on the host with the ORT backend's cache handling: the oracle the TensorRT
+    runtime is compared with."""
 
     name, spec = "toy", SPEC
+
+    def __init__(self, dtype=np.float32):
+        self.dtype = dtype
 
     def condition_tokens(self, labels):
         return labels[:, :: SPEC.downsample_factor, :: SPEC.downsample_factor].astype(np.int64)
 
     def new_cache(self, batch):
-        return {"cache": np.zeros(SPEC.cache_shape(batch), np.float32)}
+        return np.zeros(SPEC.cache_shape(batch), self.dtype)
 
     def transformer_step(self, tokens, position, cache):
-        logits, cache["cache"] = toy_step(tokens, position, cache["cache"])
+        logits, new_kv = toy_step(tokens, position, list(cache[:, 0]), list(cache[:, 1]), self.dtype)
+        cache[:, :, :, :, position : position + tokens.shape[1]] = new_kv
         return logits
 
 
@@ -160,12 +221,22 @@ class FakeContext:
 
     def execute_async_v3(self, stream_handle):
         assert isinstance(stream_handle, int)
+        names = {t.name for t, _ in self.engine.tensors}
+        dynamic = {t.name for t, is_input in self.engine.tensors if is_input and any(isinstance(a, str) for a in t.shape)}
+        if set(self.addresses) != names or not dynamic <= set(self.shapes):
+            return False  # TensorRT refuses to run with an unbound tensor or an unset input shape
         self.trt.executions.append((self.engine.graph.file, self.profile, dict(self.shapes)))
         op = self.engine.kernel(dict(self.shapes), dict(self.addresses))
-        if self.trt.cudart.capturing is not None:
-            self.trt.cudart.capturing.append(op)
-        else:
+        if self.trt.cudart.capturing is None:
             op()
+            return True
+        shapes, addresses = dict(self.shapes), dict(self.addresses)
+
+        def replay():
+            # the runtime's promise: a graph replays only while the context is as it was at capture
+            assert (self.shapes, self.addresses) == (shapes, addresses), "graph replayed after its context was rebound"
+            op()
+        self.trt.cudart.capturing.append(replay)
         return True
 
 
@@ -197,14 +268,20 @@ class FakeEngine:
     def kernel(self, shapes, addresses):
         mem, kind = self.trt.cudart, self.graph.file.split(".")[0]
         if kind == "transformer":
-            (b, t), cache_shape = shapes["tokens"], shapes["cache"]
+            (b, t), layers = shapes["tokens"], SPEC.n_layer
+            slots = (b, SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+            for i in range(layers):
+                assert shapes[f"past_key_{i}"] == shapes[f"past_value_{i}"] == slots
+            dtype = self.get_tensor_dtype("new_kv")
 
-            def op():
+            def op():  # reads the past inputs, writes only logits and new_kv: never the cache
                 tokens = mem.array(addresses["tokens"], np.int64, (b, t))
                 position = int(mem.array(addresses["position"], np.int64, ()))
-                logits, new = toy_step(tokens, position, mem.array(addresses["cache"], np.float32, cache_shape))
+                keys = [mem.array(addresses[f"past_key_{i}"], self.get_tensor_dtype(f"past_key_{i}"), slots).copy() for i in range(layers)]
+                values = [mem.array(addresses[f"past_value_{i}"], self.get_tensor_dtype(f"past_value_{i}"), slots).copy() for i in range(layers)]
+                logits, new_kv = toy_step(tokens, position, keys, values, dtype)
                 mem.array(addresses["logits"], np.float32, logits.shape)[...] = logits
-                mem.array(addresses["new_cache"], np.float32, cache_shape)[...] = new
+                mem.array(addresses["new_kv"], dtype, new_kv.shape)[...] = new_kv
             return op
         (src_name,), (dst_name,) = [t.name for t in self.graph.inputs], [t.name for t in self.graph.outputs]
         src_shape, dst_shape = shapes[src_name], self.output_shape(dst_name, shapes)
@@ -287,38 +364,49 @@ class FakeTensorRT:
         return dtype
 
 
-def graph(name: str) -> GraphFile:
+PAST = tuple(f"past_key_{i}" for i in range(SPEC.n_layer)) + tuple(f"past_value_{i}" for i in range(SPEC.n_layer))
+
+
+def graph(name: str, precision: str = "fp32") -> GraphFile:
+    """A graph's manifest entry with the I/O of export/graphs.py (the fp16 transformer: an fp16 cache)."""
     t = TensorSpec
-    cache = (SPEC.n_layer, 2, "batch", SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+    f = "float16" if precision == "fp16" else "float32"
+    slots = ("batch", SPEC.n_head, SPEC.block_size, SPEC.head_dim)
     latent = ("batch", "latent_height", "latent_width")
     io = {
         "encoder": ((t("image", "float32", ("batch", 3, "height", "width")),), (t("indices", "int64", latent),)),
         "decoder": ((t("indices", "int64", latent),), (t("image", "float32", ("batch", 3, "height", "width")),)),
         "cond_encoder": ((t("labels", "int64", ("batch", "height", "width")),), (t("indices", "int64", latent),)),
-        "transformer": ((t("tokens", "int64", ("batch", "tokens")), t("position", "int64", ()), t("cache", "float32", cache)),
-                        (t("logits", "float32", ("batch", SPEC.vocab_size)), t("new_cache", "float32", cache))),
+        "transformer": ((t("tokens", "int64", ("batch", "tokens")), t("position", "int64", ()), *(t(n, f, slots) for n in PAST)),
+                        (t("logits", "float32", ("batch", SPEC.vocab_size)),
+                         t("new_kv", f, (SPEC.n_layer, 2, "batch", SPEC.n_head, "tokens", SPEC.head_dim)))),
     }[name]
-    return GraphFile(f"{name}.onnx", "", "fp32", *io)
+    suffix = ".fp16" if precision == "fp16" else ""
+    return GraphFile(f"{name}{suffix}.onnx", "", precision, *io)
 
 
-@pytest.fixture
-def fake_gpu(tmp_path, monkeypatch):
-    """A bundle with placeholder graph files, and the fake TensorRT + CUDA in place of the real ones."""
+def install_fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str = "fp32") -> SimpleNamespace:
+    """A bundle of ``precision`` graphs (placeholder files), and the fake TensorRT + CUDA in place of the real ones."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     graphs = {}
     for name in ("encoder", "decoder", "cond_encoder", "transformer"):
-        data = f"graph {name}".encode()
-        (bundle / f"{name}.onnx").write_bytes(data)
-        g = graph(name)
-        graphs[g.file] = GraphFile(g.file, hashlib.sha256(data).hexdigest(), "fp32", g.inputs, g.outputs)
-    manifest = Manifest(SPEC, {g.file.removesuffix(".onnx"): {"fp32": g} for g in graphs.values()})
+        g = graph(name, precision)
+        data = f"graph {g.file}".encode()
+        (bundle / g.file).write_bytes(data)
+        graphs[g.file] = GraphFile(g.file, hashlib.sha256(data).hexdigest(), precision, g.inputs, g.outputs)
+    manifest = Manifest(SPEC, {g.file.split(".")[0]: {precision: g} for g in graphs.values()})
     (bundle / "manifest.json").write_text(json.dumps(manifest.to_dict()))
     cudart = FakeCudart()
     trt = FakeTensorRT(cudart, graphs)
     monkeypatch.setattr(deps, "tensorrt", lambda: trt)
     monkeypatch.setattr(deps, "cudart", lambda: cudart)
-    return SimpleNamespace(bundle=bundle, trt=trt, cudart=cudart)
+    return SimpleNamespace(bundle=bundle, trt=trt, cudart=cudart, precision=precision)
+
+
+@pytest.fixture
+def fake_gpu(tmp_path, monkeypatch):
+    return install_fake_gpu(tmp_path, monkeypatch)
 
 
 def test_build_writes_strongly_typed_engines_and_keeps_the_timing_cache(fake_gpu):
@@ -356,32 +444,139 @@ def test_a_failed_build_leaves_the_previous_engines(fake_gpu):
     assert (engines / "engines.json").read_text() == before
 
 
+def expected_replays(calls: list[tuple[int, int]]) -> int:
+    """Decode steps that replay a graph, for (cache, tokens) calls in order: a cache's decode step
+    replays once its graph exists and the decode context last ran (normally) for that cache."""
+    bound, captured, replays = None, set(), 0
+    for cache, count in calls:
+        if count != 1:
+            continue  # prefills run on the other context
+        if cache in captured and bound == cache:
+            replays += 1
+        else:
+            bound = cache
+            captured.add(cache)
+    return replays
+
+
+@pytest.mark.parametrize("latent", [(4, 6), (3, 3)])  # several placement caches; one window, many decode steps
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_generation_matches_the_host_model(fake_gpu, cuda_graph):
-    build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+def test_generation_matches_the_host_model(tmp_path, monkeypatch, precision, cuda_graph, latent):
+    fake_gpu = install_fake_gpu(tmp_path, monkeypatch, precision)
+    build_engines(fake_gpu.bundle, precision=precision, max_size=(24, 16), max_batch=2)
     backend = load_trt_backend(fake_gpu.bundle, cuda_graph=cuda_graph)
-    labels = np.random.default_rng(1).integers(0, 5, (2, 16, 24))
+    labels = np.random.default_rng(1).integers(0, 5, (2, latent[0] * 4, latent[1] * 4))
     cond = backend.condition_tokens(labels)
     np.testing.assert_array_equal(cond, ToyBackend().condition_tokens(labels))
-    fed = []  # tokens per transformer call
+    calls = []  # (cache, tokens) per transformer call
     step = backend.transformer_step
-    backend.transformer_step = lambda tokens, position, cache: fed.append(tokens.shape[1]) or step(tokens, position, cache)
-    options, latent = SamplingOptions(greedy=True), (4, 6)
+    backend.transformer_step = lambda tokens, position, cache: calls.append((id(cache), tokens.shape[1])) or step(tokens, position, cache)
+    options = SamplingOptions(greedy=True)
     tokens, stats = sample_tokens(backend, cond, latent, options, np.random.default_rng(0))
-    expected, _ = sample_tokens(ToyBackend(), cond, latent, options, np.random.default_rng(0))
+    dtype = np.float16 if precision == "fp16" else np.float32
+    expected, _ = sample_tokens(ToyBackend(dtype), cond, latent, options, np.random.default_rng(0))
     np.testing.assert_array_equal(tokens, expected)
-    decode_calls = fed.count(1)
-    assert decode_calls > 3 and len(fed) > decode_calls  # both profiles were exercised
-    runs = [e for e in fake_gpu.trt.executions if e[0] == "transformer.onnx"]
+    decode_calls = sum(count == 1 for _, count in calls)
+    assert decode_calls > 3 and len(calls) > decode_calls  # both profiles were exercised
+    decoded_caches = {cache for cache, count in calls if count == 1}
+    assert len(decoded_caches) == (1 if latent == (3, 3) else 2)  # (4, 6): switching between caches is covered
+    runs = [e for e in fake_gpu.trt.executions if e[0].startswith("transformer.")]
     assert all((profile == 1) == (shapes["tokens"][1] == 1) for _, profile, shapes in runs)  # T = 1 -> decode profile
+    scatters = [c for c in fake_gpu.cudart.copies if c[0] == "2D"]
+    assert len(scatters) == len(calls)  # every call, replayed or not, writes its new keys and values
     if cuda_graph:
         assert backend.cuda_graph_error is None
-        # the first decode step of each buffer parity runs (and is captured); the others replay
-        assert decode_calls - 2 <= fake_gpu.cudart.launches < decode_calls
+        assert fake_gpu.cudart.launches == expected_replays(calls)
+        if latent == (3, 3):
+            assert fake_gpu.cudart.launches == decode_calls - 1  # all but the first (captured) step replay
+        assert len(runs) == len(calls) - fake_gpu.cudart.launches + len(decoded_caches)  # + one capture per cache
     else:
-        assert fake_gpu.cudart.launches == 0
+        assert fake_gpu.cudart.launches == 0 and len(runs) == len(calls)
     image = backend.decode(tokens)
-    assert image.dtype == np.float32 and image.shape == (2, 3, 16, 24)
+    assert image.dtype == np.float32 and image.shape == (2, 3, latent[0] * 4, latent[1] * 4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_cache_is_one_device_buffer_that_each_step_scatters_into(tmp_path, monkeypatch, precision):
+    fake_gpu = install_fake_gpu(tmp_path, monkeypatch, precision)
+    build_engines(fake_gpu.bundle, precision=precision, max_size=(24, 16), max_batch=2)
+    backend = load_trt_backend(fake_gpu.bundle)
+    mem = fake_gpu.cudart
+    allocations = len(mem.memory)
+    cache = backend.new_cache(2)
+    dtype = np.dtype(np.float16 if precision == "fp16" else np.float32)
+    kv_shape = SPEC.cache_shape(2)
+    assert len(mem.memory) - allocations == 5  # kv, new_kv, tokens, position, logits: no second cache
+    assert len(mem.memory[cache.kv.ptr]) == np.prod(kv_shape) * dtype.itemsize
+    assert len(mem.memory[cache.new_kv.ptr]) == np.prod(kv_shape) * dtype.itemsize  # room for T = block_size
+    device_kv = mem.array(cache.kv.ptr, dtype, kv_shape)
+    assert not device_kv.any()
+    oracle, host = ToyBackend(dtype), ToyBackend(dtype).new_cache(2)
+    rng = np.random.default_rng(3)
+    position = 0
+    for count in (5, 1, 1, 3, 1, 20, 1):  # up to the last slot
+        feed = rng.integers(0, SPEC.vocab_size, (2, count))
+        mem.copies.clear()
+        logits = backend.transformer_step(feed, position, cache)
+        np.testing.assert_array_equal(logits, oracle.transformer_step(feed, position, host))
+        np.testing.assert_array_equal(device_kv, host)  # the device cache is the host cache, slot for slot
+        row = SPEC.head_dim * dtype.itemsize
+        assert mem.copies == [  # tokens and position up, one strided scatter, only the logits back
+            ("H2D", feed.nbytes), ("H2D", 8),
+            ("2D", cache.kv.ptr + position * row, SPEC.block_size * row, cache.new_kv.ptr, count * row, count * row,
+             SPEC.n_layer * 2 * 2 * SPEC.n_head),
+            ("D2H", 2 * SPEC.vocab_size * 4),
+        ]
+        position += count
+    assert position == SPEC.block_size
+    engine = backend._engines["transformer"]
+    addresses = engine.contexts[1].addresses  # the decode context ran last
+    block = 2 * SPEC.n_head * SPEC.block_size * SPEC.head_dim * dtype.itemsize
+    for i in range(SPEC.n_layer):
+        assert addresses[f"past_key_{i}"] == cache.kv.ptr + 2 * i * block
+        assert addresses[f"past_value_{i}"] == cache.kv.ptr + (2 * i + 1) * block
+    with pytest.raises(ValueError, match="block size"):
+        backend.transformer_step(np.zeros((2, 2), np.int64), SPEC.block_size - 1, cache)
+
+
+def test_replayed_decode_steps_scatter_at_their_own_position(fake_gpu):
+    """The graph holds only the engine execution: the copy issued after each replay follows the position."""
+    build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+    backend = load_trt_backend(fake_gpu.bundle, cuda_graph=True)
+    oracle = ToyBackend()
+    caches = [backend.new_cache(1), backend.new_cache(1)]
+    hosts = [oracle.new_cache(1), oracle.new_cache(1)]
+    rng = np.random.default_rng(5)
+    for k in range(2):
+        feed = rng.integers(0, SPEC.vocab_size, (1, 4))
+        backend.transformer_step(feed, 0, caches[k])
+        oracle.transformer_step(feed, 0, hosts[k])
+    # interleaved decode steps on two caches: each switch must run normally before its graph replays again
+    for position, k in [(4, 0), (5, 0), (6, 0), (4, 1), (5, 1), (7, 0), (8, 0), (6, 1)]:
+        token = rng.integers(0, SPEC.vocab_size, (1, 1))
+        np.testing.assert_array_equal(backend.transformer_step(token, position, caches[k]), oracle.transformer_step(token, position, hosts[k]))
+        np.testing.assert_array_equal(fake_gpu.cudart.array(caches[k].kv.ptr, np.float32, hosts[k].shape), hosts[k])
+    assert backend.cuda_graph_error is None
+    assert fake_gpu.cudart.launches == 4  # (5, 0), (6, 0), (5, 1) and (8, 0); the others ran normally (and captured)
+
+
+def test_old_interface_bundles_are_refused_with_what_to_do(fake_gpu):
+    engines = build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+    path = fake_gpu.bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    transformer = manifest["graphs"]["transformer"]["fp32"]
+    cache = [SPEC.n_layer, 2, "batch", SPEC.n_head, SPEC.block_size, SPEC.head_dim]
+    transformer["inputs"] = [*transformer["inputs"][:2], {"name": "cache", "dtype": "float32", "shape": cache}]
+    transformer["outputs"] = [transformer["outputs"][0], {"name": "new_cache", "dtype": "float32", "shape": cache}]
+    path.write_text(json.dumps(manifest))  # a bundle exported before per-layer past inputs (same graph file)
+    with pytest.raises(UserError, match=r"'cache'.*export the bundle again.*taming-deploy build"):
+        load_trt_backend(fake_gpu.bundle)
+    before = (engines / "engines.json").read_text()
+    with pytest.raises(UserError, match=r"'cache'.*export the bundle again"):
+        build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+    assert (engines / "engines.json").read_text() == before
+    assert fake_gpu.trt.configs and len(fake_gpu.trt.network_flags) == 4  # the refused build parsed nothing
 
 
 def test_requests_beyond_the_profiles_and_cuda_failures_are_user_errors(fake_gpu):
@@ -391,9 +586,28 @@ def test_requests_beyond_the_profiles_and_cuda_failures_are_user_errors(fake_gpu
         backend.new_cache(3)
     with pytest.raises(UserError, match="--max-size"):
         backend.condition_tokens(np.zeros((1, 20, 16), np.int64))
+    cache = backend.new_cache(1)
+    fake_gpu.cudart.fail_copy_2d = True
+    with pytest.raises(cuda.CudaError, match=r"cudaMemcpy2DAsync\(D2D\) failed: cudaErrorInvalidValue"):
+        backend.transformer_step(np.zeros((1, 3), np.int64), 0, cache)
+    allocations = len(fake_gpu.cudart.memory)
+    fake_gpu.cudart.mallocs_left = 2  # out of memory at the third of a cache's buffers
+    with pytest.raises(cuda.CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
+        backend.new_cache(1)
+    assert len(fake_gpu.cudart.memory) == allocations  # the two it got were given back at once
+    fake_gpu.cudart.mallocs_left = None
     fake_gpu.cudart.fail_malloc = True
     with pytest.raises(cuda.CudaError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
         backend.new_cache(1)
+
+
+def test_the_2d_copy_refuses_rows_outside_its_buffers(fake_gpu):
+    stream = cuda.Stream()
+    dst, src = cuda.DeviceBuffer(64), cuda.DeviceBuffer(32)
+    cuda.copy_2d_on_device(dst, 8, 16, src, 8, 8, 4, stream)  # last row ends at 8 + 3 * 16 + 8 = 64: fits
+    for args in [(dst, 9, 16, src, 8, 8, 4), (dst, 0, 16, src, 8, 8, 5), (dst, 0, 8, src, 4, 8, 2), (src, 0, 8, src, 8, 8, 1)]:
+        with pytest.raises(ValueError):
+            cuda.copy_2d_on_device(*args, stream)
 
 
 def test_engines_for_another_gpu_or_damaged_plans_are_refused(fake_gpu):

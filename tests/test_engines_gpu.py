@@ -85,6 +85,30 @@ def test_cuda_graph_decode_gives_the_same_tokens(bundle, label_png):
     np.testing.assert_array_equal(tokens, greedy_tokens(load_trt_backend(bundle), label_png))
 
 
+def test_device_cache_matches_onnx_runtime_slot_for_slot(bundle):
+    """The engine's new_kv scattered by cudaMemcpy2DAsync leaves the same cache as OrtCache's numpy
+    slice assignment, through a prefill and decode steps (replayed from a CUDA graph after the first)."""
+    from engines import build_engines, cuda, load_trt_backend
+    from taming_deploy.backends.ort_backend import OrtBackend
+
+    build_engines(bundle, precision="fp32", max_size=MAX_SIZE, max_batch=2)
+    trt, ort = load_trt_backend(bundle, cuda_graph=True), OrtBackend(bundle, "fp32")
+    spec, rng = trt.spec, np.random.default_rng(0)
+    trt_cache, ort_cache = trt.new_cache(2), ort.new_cache(2)
+    position = 0
+    for count in (spec.block_size // 2, 1, 1, 1, 3, 1):
+        tokens = rng.integers(0, spec.vocab_size, (2, count))
+        np.testing.assert_allclose(trt.transformer_step(tokens, position, trt_cache),
+                                   ort.transformer_step(tokens, position, ort_cache), atol=2e-3)
+        position += count
+    assert trt.cuda_graph_error is None
+    device = np.empty(spec.cache_shape(2), trt_cache.dtype)
+    cuda.copy_to_host(device, trt_cache.kv, trt.stream)
+    trt.stream.synchronize()
+    np.testing.assert_allclose(device, ort_cache.kv, atol=2e-3)
+    assert not device[:, :, :, :, position:].any()  # slots not yet fed are still the zeros new_cache wrote
+
+
 def test_stale_engines_and_out_of_range_requests_are_user_errors(bundle):
     from engines import build_engines, load_trt_backend
 
