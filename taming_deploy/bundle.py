@@ -1,6 +1,6 @@
 """An exported bundle: ONNX graphs plus ``manifest.json`` that describes and fingerprints them.
 
-Layout (format version 1):
+Layout (format version 2; version 1 bundles had a transformer graph that returned the whole cache):
     manifest.json
     encoder.onnx, decoder.onnx, [cond_encoder.onnx], transformer.onnx          fp32
     encoder.fp16.onnx, decoder.fp16.onnx, [cond_encoder.fp16.onnx], transformer.fp16.onnx
@@ -20,7 +20,7 @@ from taming_deploy.model_paths import BUNDLE_MANIFEST
 from taming_deploy.spec import ModelSpec
 
 BUNDLE_FORMAT = "taming-deploy-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
 GRAPH_NAMES = ("encoder", "decoder", "cond_encoder", "transformer")
 PRECISIONS = ("fp32", "fp16")
 
@@ -94,6 +94,11 @@ class Manifest:
             raise UserError(
                 f"{source}: bundle format version {version} is newer than this taming-deploy reads "
                 f"({BUNDLE_VERSION}); upgrade taming-deploy or export the bundle again with this version"
+            )
+        if version < BUNDLE_VERSION:
+            raise UserError(
+                f"{source}: bundle format version {version} is older than this taming-deploy reads "
+                f"({BUNDLE_VERSION}); export the bundle again with `taming-deploy export`"
             )
         try:
             return cls(

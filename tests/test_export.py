@@ -102,6 +102,14 @@ def test_newer_manifest_version_is_refused(fixture_bundle, label_png, tmp_path):
     assert_one_line_error(generate_with(bundle, label_png, tmp_path), f"format version {BUNDLE_VERSION + 1}", "upgrade")
 
 
+def test_older_manifest_version_is_refused_with_the_fix(fixture_bundle, label_png, tmp_path):
+    bundle = copy_bundle(fixture_bundle, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["format_version"] = BUNDLE_VERSION - 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(generate_with(bundle, label_png, tmp_path), "older", "taming-deploy export")
+
+
 def test_graph_inputs_disagreeing_with_manifest_are_refused(fixture_bundle, label_png, tmp_path):
     """The file is intact (hash updated) but the manifest declares other input names."""
     bundle = copy_bundle(fixture_bundle, tmp_path)

@@ -14,12 +14,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from export.exporter import past_feeds
 from export.fp16 import DEFAULT_THRESHOLD, Fp16IoRangeError, fp16_storage_emulation, to_mixed_precision
+from export.graphs import past_names
 
 FLOAT, FLOAT16, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 SIZE = 64  # pixels: the fixture's 16 x 16 latent window at f = 4
 CALIBRATION_SEEDS = range(4)
 EVALUATION_SEEDS = range(6)  # the calibration scenes and two it did not see
+PAST = past_names(2)  # the fixture's transformer has two layers
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -54,6 +57,13 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def kv_shape(transformer: onnx.ModelProto):
+    """batch -> the runtime's cache shape (n_layer, 2, batch, heads, slots, head_dim) for this graph."""
+    past = [i for i in transformer.graph.input if i.name.startswith("past_key_")]
+    heads, slots, head_dim = (d.dim_value for d in past[0].type.tensor_type.shape.dim[1:])
+    return lambda batch: (len(past), 2, batch, heads, slots, head_dim)
+
+
 # --- the fixture graphs ------------------------------------------------------------------------------
 
 
@@ -80,14 +90,15 @@ def data(graphs) -> dict:
     cond_tokens = (eval_labels[:, ::4, ::4] * 4 + eval_tokens % 4) % 32
     sequences = np.concatenate((cond_tokens.reshape(len(eval_tokens), -1), eval_tokens.reshape(len(eval_tokens), -1)), axis=1)[:, :-1]
     transformer = session(graphs["transformer"])
-    cache_shape = [d.dim_value for d in graphs["transformer"].graph.input[2].type.tensor_type.shape.dim]
+    cache_shape = kv_shape(graphs["transformer"])
     transformer_feeds = []
     for k in range(0, len(CALIBRATION_SEEDS), 2):  # a prefill, then a step on the cache it wrote
         seq = sequences[k : k + 2]
-        cache = np.zeros([cache_shape[0], 2, 2, *cache_shape[3:]], np.float32)
-        prefill = {"tokens": seq[:, :400], "position": np.array(0, np.int64), "cache": cache}
+        cache = np.zeros(cache_shape(2), np.float32)
+        prefill = {"tokens": seq[:, :400], "position": np.array(0, np.int64), **past_feeds(cache)}
         transformer_feeds.append(prefill)
-        transformer_feeds.append({"tokens": seq[:, 400:401], "position": np.array(400, np.int64), "cache": transformer.run(None, prefill)[1]})
+        cache[:, :, :, :, :400] = transformer.run(None, prefill)[1]
+        transformer_feeds.append({"tokens": seq[:, 400:401], "position": np.array(400, np.int64), **past_feeds(cache)})
     return {
         "feeds": {
             "encoder": [{"image": calib_images[k : k + 2]} for k in range(0, len(calib_images), 2)],
@@ -103,7 +114,7 @@ def data(graphs) -> dict:
 
 @pytest.fixture(scope="module")
 def mixed(graphs, data) -> dict:
-    fp16_io = {"transformer": ("cache", "new_cache")}
+    fp16_io = {"transformer": (*PAST, "new_kv")}
     return {name: to_mixed_precision(graphs[name], data["feeds"][name], fp16_io.get(name, ())) for name in graphs}
 
 
@@ -134,9 +145,9 @@ def test_graph_io_types(graphs, mixed, data):
     io = lambda m: {v.name: v.type.tensor_type.elem_type for v in list(m.graph.input) + list(m.graph.output)}  # noqa: E731
     assert io(mixed["encoder"][0]) == {"image": FLOAT, "indices": INT64}
     assert io(mixed["decoder"][0]) == {"indices": INT64, "image": FLOAT}
-    assert io(mixed["transformer"][0]) == {"tokens": INT64, "position": INT64, "cache": FLOAT16, "logits": FLOAT, "new_cache": FLOAT16}
+    assert io(mixed["transformer"][0]) == {"tokens": INT64, "position": INT64, **dict.fromkeys(PAST, FLOAT16), "logits": FLOAT, "new_kv": FLOAT16}
     plain, report = to_mixed_precision(graphs["transformer"], data["feeds"]["transformer"])
-    assert io(plain) == {"tokens": INT64, "position": INT64, "cache": FLOAT, "logits": FLOAT, "new_cache": FLOAT}
+    assert io(plain) == {"tokens": INT64, "position": INT64, **dict.fromkeys(PAST, FLOAT), "logits": FLOAT, "new_kv": FLOAT}
     assert report.fp16_io == []
     with pytest.raises(ValueError):
         to_mixed_precision(graphs["transformer"], data["feeds"]["transformer"], ("tokens",))
@@ -190,12 +201,13 @@ def test_decoder_psnr(graphs, mixed, data):
 
 
 def stepped_top1(runner: ort.InferenceSession, sequences: np.ndarray, cache_shape, dtype, prefill: int = 256) -> np.ndarray:
-    cache = np.zeros([cache_shape[0], 2, len(sequences), *cache_shape[3:]], dtype)
-    logits, cache = runner.run(None, {"tokens": sequences[:, :prefill], "position": np.array(0, np.int64), "cache": cache})
+    cache = np.zeros(cache_shape(len(sequences)), dtype)
+    logits, new_kv = runner.run(None, {"tokens": sequences[:, :prefill], "position": np.array(0, np.int64), **past_feeds(cache)})
+    cache[:, :, :, :, :prefill] = new_kv
     top1 = [logits.argmax(-1)]
     for p in range(prefill, sequences.shape[1]):
-        logits, cache = runner.run(None, {"tokens": sequences[:, p : p + 1], "position": np.array(p, np.int64), "cache": cache})
-        assert np.isfinite(logits).all()
+        logits, new_kv = runner.run(None, {"tokens": sequences[:, p : p + 1], "position": np.array(p, np.int64), **past_feeds(cache)})
+        cache[:, :, :, :, p : p + 1] = new_kv
         top1.append(logits.argmax(-1))
     return np.stack(top1, axis=1)
 
