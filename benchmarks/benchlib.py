@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,19 +79,49 @@ def export_fp32(checkpoint: Path, out: Path) -> None:
     export_bundle(checkpoint, out, fp16=False, echo=lambda line: None)
 
 
+EXPORT_SOURCES = ("export", "training/models", "taming_deploy/bundle.py")  # what decides an exported bundle
+
+
+def export_code_key() -> str:
+    """A hash of the exporter's, the models' and the bundle format's source: a bundle exported by other
+    code is stale (the transformer graph's inputs and the bundle format version changed once already)."""
+    digest = hashlib.sha256()
+    for source in EXPORT_SOURCES:
+        root = REPO / source
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def checkpoint_key(checkpoint: Path) -> str:
-    """Names what is derived from a checkpoint in the cache: its path and its weights' mtime."""
+    """Names what is derived from a checkpoint in the cache: its path, its weights' mtime and the export code."""
     weights = checkpoint / "model.safetensors"
-    return hashlib.sha256(f"{checkpoint.resolve()}:{weights.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    text = f"{checkpoint.resolve()}:{weights.stat().st_mtime_ns}:{export_code_key()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cached_bundle(checkpoint: Path, cache: Path) -> Path:
     """The fp32 bundle of a checkpoint, exported once into the cache."""
     bundle = cache / f"bundle-{checkpoint_key(checkpoint)}"
-    if not (bundle / "manifest.json").is_file():
+    if not loadable(bundle):
         note(f"exporting {checkpoint} to {bundle} (once) ...")
+        shutil.rmtree(bundle, ignore_errors=True)
         export_fp32(checkpoint, bundle)
     return bundle
+
+
+def loadable(bundle: Path) -> bool:
+    """The runtime reads this bundle (exists, a format version it accepts)."""
+    from taming_deploy.bundle import Bundle
+    from taming_deploy.errors import UserError
+
+    if not (bundle / "manifest.json").is_file():
+        return False
+    try:
+        Bundle(bundle)
+    except UserError:
+        return False
+    return True
 
 
 def prepare_model(kind: str, checkpoint: Path | None, bundle: Path | None, cache: Path) -> ModelPaths:
@@ -208,11 +239,38 @@ def call_flops(spec: ModelSpec, fed: int, keys: int, head_rows: int) -> int:
     (d x vocab) for ``head_rows`` positions. Layer norms, softmax, GELU and embeddings are O(d) per
     token and left out."""
     d = spec.n_embd
-    attention = 2 * spec.n_layer * 2 * fed * keys * d
-    return fed * linear_flops_per_token(spec) + attention + 2 * head_rows * d * spec.vocab_size
+    return fed * linear_flops_per_token(spec) + attention_flops(spec, fed * keys) + 2 * head_rows * d * spec.vocab_size
+
+
+def attention_flops(spec: ModelSpec, pairs: int) -> int:
+    """q.k^T and att.v over ``pairs`` (query, key) pairs in every layer."""
+    return 2 * spec.n_layer * 2 * pairs * spec.n_embd
+
+
+def cached_call_flops(spec: ModelSpec, fed: int) -> int:
+    """A call of the runtime's transformer (exported graph and torch backend alike): the fed queries
+    attend over the S = block size past slots (masked from ``position`` on) and, causally, over the
+    fed tokens themselves: K = S + T keys; the head on the last position only."""
+    return call_flops(spec, fed, spec.block_size + fed, 1)
+
+
+def visible_pairs(fed: int, position: int) -> int:
+    """(query, key) pairs a call really needs: query k (0-based) of the fed tokens sees the ``position``
+    earlier tokens and fed tokens 0..k."""
+    return fed * position + fed * (fed + 1) // 2
+
+
+def cached_call_masked_flops(spec: ModelSpec, fed: int, position: int) -> int:
+    """The part of cached_call_flops spent on masked (query, key) pairs: past slots from ``position``
+    on (all of them in a prefill) and the fed tokens' future."""
+    return attention_flops(spec, fed * (spec.block_size + fed) - visible_pairs(fed, position))
 
 
 def full_recompute_flops(spec: ModelSpec, sequence: int) -> int:
     """The original loop: a plain causal pass over ``sequence`` tokens (the T x T score matrix is
     computed in full, then masked) and the head for every position."""
     return call_flops(spec, sequence, sequence, sequence)
+
+
+def full_recompute_masked_flops(spec: ModelSpec, sequence: int) -> int:
+    return attention_flops(spec, sequence * sequence - visible_pairs(sequence, 0))

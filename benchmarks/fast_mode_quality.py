@@ -7,10 +7,10 @@
 K images are sampled (top-k, one fixed seed, as one batch) in exact mode and in fast mode for the same
 condition maps. Every sample's tokens are then scored under the EXACT windows: for each cell the
 original's placement, teacher-forced through the transformer (one prefill per placement, one cached
-step per further target, as the exact sampler runs), log-softmax over the image codebook, and the
-negative log-likelihood of the token the sample holds there. Printed: the mean NLL per token (nats) of
-the exact-mode samples and of the fast-mode samples, each with its standard error over images, and
-their per-image difference (fast - exact) with its standard error.
+step per further target: the logits the exact sampler computes), log-softmax over the image
+codebook, and the negative log-likelihood of the token the sample holds there. Printed: the mean NLL
+per token (nats) of the exact-mode samples and of the fast-mode samples, each with its standard
+error over images, and their per-image difference (fast - exact) with its standard error.
 
 Conditions: the shared fixture uses its label map (tests/data/segcond_small/expected.npz "labels",
 replicated K times); another model uses --labels FILE (a class-id PNG, replicated), else, when it has

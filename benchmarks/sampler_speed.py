@@ -1,7 +1,7 @@
 """Token-loop speed: the original loop (full recompute in PyTorch) against the cached sampler.
 
     python benchmarks/sampler_speed.py [--model default|fixture] [--checkpoint DIR] [--bundle DIR]
-        [--sizes 16x16,24x32,32x32,64x40] [--backends torch,ort] [--modes original,exact,fast]
+        [--sizes 16x16,24x32,32x32,64x40] [--backends torch,ort[,ort-bound,ort-prefill]] [--modes original,exact,fast]
         [--window-stride 8] [--original-full-max 256] [--original-tokens 24] [--threads N] [--clock wall|cpu]
 
 Sizes are latent rows x columns. Decoding is greedy, batch 1, on random condition tokens (the cost does
@@ -12,16 +12,18 @@ not depend on their values). Modes:
   image, which gives the original's own logits there, since attention is causal) and the time per
   token is multiplied by the token count; such rows are marked "extrapolated". Every token costs the
   original the same pass, so the extrapolation is linear.
-- exact, fast: taming_deploy.sampler.sample_tokens in that mode (fast: --window-stride).
-- exact+reuse, fast+reuse (not in the default set): the prototype sampler of prototypes.py that
-  continues a placement's cache across rows. Backend ort-split (not in the default set): the
-  prototype split-cache graphs (prototypes.SplitCacheOrtBackend).
-Columns: seconds per image of the token loop alone (wall time, or CPU time with --clock cpu); tokens/s; speedup against the original's
-seconds per image at that size; transformer calls (prefills/steps); transformer MFLOP per token,
-counted from the call pattern (benchlib.call_flops; the formula is printed below the table);
-achieved GFLOP/s and its fraction of the GEMM throughput of the backend's library (torch for torch
-and the original, ONNX Runtime for ort), measured in the same run (matmul_peak.py); whether
-exact-mode tokens equal the original loop's.
+- exact, fast: taming_deploy.sampler.sample_tokens in that mode (fast: --window-stride), which
+  continues a placement's cache across the rows of a band.
+Backends: torch and ort (the runtime's); not in the default set, the prototypes of prototypes.py:
+ort-bound (per-step bindings preallocated) and ort-prefill (calls at position 0 run a graph without
+past inputs; needs a checkpoint).
+Columns: seconds per image of the token loop alone (wall time, or CPU time with --clock cpu);
+tokens/s; speedup against the original's seconds per image at that size; transformer calls
+(prefills/steps); transformer MFLOP per token, counted from the call pattern (benchlib; the formula is
+printed below the table) and the share of them spent on masked (query, key) pairs; achieved GFLOP/s
+and its fraction of the GEMM throughput of the backend's library (torch for torch and the original,
+ONNX Runtime for ort), measured in the same run (matmul_peak.py); whether exact-mode tokens equal the
+original loop's.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ import numpy as np
 
 import matmul_peak
 import prototypes
-from benchlib import (Clock, ModelPaths, add_model_arguments, apply_common_arguments, call_flops, full_recompute_flops,
-                      note, now, parse_latent, prepare_model, print_table, random_condition_tokens, timed)
+from benchlib import (Clock, ModelPaths, add_model_arguments, apply_common_arguments, cached_call_flops, call_flops,
+                      cached_call_masked_flops, full_recompute_flops, full_recompute_masked_flops, note, now,
+                      parse_latent, prepare_model, print_table, random_condition_tokens, timed)
 from taming_deploy.backends.base import Backend
 from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.sampler import SampleStats, sample_tokens
@@ -44,8 +47,8 @@ from taming_deploy.spec import ModelSpec
 from taming_deploy.windows import clamp, window_shape
 
 DEFAULT_SIZES = "16x16,24x32,32x32,64x40"
-MODES = ("original", "exact", "fast", "exact+reuse", "fast+reuse")
-BACKENDS = ("torch", "ort", "ort-split")
+MODES = ("original", "exact", "fast")
+BACKENDS = ("torch", "ort", "ort-bound", "ort-prefill")
 GREEDY = SamplingOptions(greedy=True)
 FLOORS = {((16, 16), "exact"): 20.0, ((24, 32), "exact"): 2.0, ((24, 32), "fast"): 8.0}  # ORT vs original
 
@@ -58,6 +61,7 @@ class Row:
     seconds: float  # per image, token loop only
     calls: str
     flops: float  # transformer FLOPs per image
+    masked_flops: float  # of which on masked (query, key) pairs
     same_as_original: str = "-"
     note: str = ""
 
@@ -118,12 +122,13 @@ def load_backends(names: list[str], model: ModelPaths, threads: int | None, cach
             backends[name] = TorchBackend.load(model.checkpoint)
         elif name == "ort":
             backends[name] = OrtBackend(model.bundle, threads=threads)
+        elif name == "ort-bound":
+            backends[name] = prototypes.BoundOrtBackend(model.bundle, threads=threads)
         elif model.checkpoint is None:
-            note("no checkpoint: the ort-split prototype is left out")
+            note("no checkpoint: the ort-prefill prototype is left out")
         else:
-            graphs = prototypes.cached_split_cache_graphs(model.checkpoint, cache_dir)
-            backends[name] = prototypes.SplitCacheOrtBackend(
-                OrtBackend(model.bundle, threads=threads), graphs, prototypes.tuned_session_options(threads))
+            graph = prototypes.cached_prefill_graph(model.checkpoint, cache_dir)
+            backends[name] = prototypes.PrefillGraphOrtBackend(model.bundle, graph, threads=threads)
     return backends
 
 
@@ -137,29 +142,31 @@ def warm_up(backend: Backend) -> None:
 
 
 def run_sampler(backend: Backend, cond: np.ndarray, latent: tuple[int, int], mode: str, stride: int) -> tuple[np.ndarray, SampleStats]:
-    rng = np.random.default_rng(0)
-    if mode.endswith("+reuse"):
-        base_mode = mode.removesuffix("+reuse")
-        return prototypes.sample_tokens_reusing(backend, cond, latent, GREEDY, rng, base_mode, stride)  # type: ignore[arg-type]
-    return sample_tokens(backend, cond, latent, GREEDY, rng, mode, stride)  # type: ignore[arg-type]
+    return sample_tokens(backend, cond, latent, GREEDY, np.random.default_rng(0), mode, stride)  # type: ignore[arg-type]
 
 
 class CountingBackend:
-    """A backend wrapper adding up the FLOPs of every transformer call as the wrapped graphs compute them:
-    the bundle's graph (torch, ort) attends over the whole cache capacity; the split-cache prototype's
-    prefill graph over the fed tokens only, its step graph over the capacity plus the fed tokens."""
+    """A backend wrapper adding up the FLOPs of every transformer call as the runtime's transformer
+    computes them (benchlib.cached_call_flops: the exported graph and the torch backend run the same
+    attention over the past slots and the fed tokens), and the part of them on masked pairs. The
+    ort-prefill prototype's prefills attend over the fed tokens only (K = T)."""
 
     def __init__(self, backend: Backend):
         self.backend, self.name, self.spec = backend, backend.name, backend.spec
         self.flops = 0
+        self.masked_flops = 0
 
     def new_cache(self, batch: int):
         return self.backend.new_cache(batch)
 
     def transformer_step(self, tokens: np.ndarray, position: int, cache) -> np.ndarray:
-        t, slots = tokens.shape[1], self.spec.block_size
-        keys = slots if self.name != "ort-split" else (t if position == 0 else slots + t)
-        self.flops += call_flops(self.spec, t, keys, 1)  # per sequence: batch 1 here
+        t = tokens.shape[1]
+        if self.name == "ort-prefill" and position == 0 and t > 1:  # the prototype's graph without past slots
+            self.flops += call_flops(self.spec, t, t, 1)
+            self.masked_flops += full_recompute_masked_flops(self.spec, t)
+        else:  # per sequence: batch 1 here
+            self.flops += cached_call_flops(self.spec, t)
+            self.masked_flops += cached_call_masked_flops(self.spec, t, position)
         return self.backend.transformer_step(tokens, position, cache)
 
 
@@ -175,24 +182,26 @@ def measure_size(latent: tuple[int, int], spec: ModelSpec, backends: dict[str, B
         for name, backend in backends.items():
             counted = CountingBackend(backend)
             (tokens, stats), seconds = timed(lambda: run_sampler(counted, cond, latent, mode, stride))
-            row = Row(latent, name, mode, seconds, f"{stats.prefills}/{stats.steps}", counted.flops)
+            row = Row(latent, name, mode, seconds, f"{stats.prefills}/{stats.steps}", counted.flops, counted.masked_flops)
             rows.append(row)
-            if mode.startswith("exact"):
+            if mode == "exact":
                 exact_images.append((row, tokens))
             progress(row)
     if "original" not in modes or gpt is None:
         return rows
-    per_image_flops = h * w * full_recompute_flops(spec, original_sequence_length(spec, latent))
+    sequence = original_sequence_length(spec, latent)
+    per_image_flops = h * w * full_recompute_flops(spec, sequence)
+    per_image_masked = h * w * full_recompute_masked_flops(spec, sequence)
     if h * w <= full_max:
         original, seconds = run_original_full(gpt, cond, latent, spec)
-        rows.insert(0, Row(latent, "torch", "original", seconds, f"{h * w} full", per_image_flops))
+        rows.insert(0, Row(latent, "torch", "original", seconds, f"{h * w} full", per_image_flops, per_image_masked))
         for row, tokens in exact_images:
             row.same_as_original = "yes" if np.array_equal(tokens, original) else "NO"
     else:
         checked = exact_images[0][1] if exact_images else np.zeros((1, h, w), dtype=np.int64)
         per_token, same = run_original_subset(gpt, cond, checked, spec, subset)
         rows.insert(0, Row(latent, "torch", "original", per_token * h * w, f"{h * w} full", per_image_flops,
-                           note=f"extrapolated from {subset} timed tokens"))
+                           per_image_masked, note=f"extrapolated from {subset} timed tokens"))
         if exact_images:
             # the original's tokens at the checked cells, given the first exact image's tokens before them
             exact_images[0][0].same_as_original = f"{'yes' if same else 'NO'} ({subset} cells)"
@@ -217,7 +226,8 @@ def table_rows(rows: list[Row], peaks: dict[str, float]) -> list[list[str]]:
         gflops = r.flops / r.seconds / 1e9
         speedup = f"{original[r.latent] / r.seconds:.1f}x" if r.latent in original else "-"
         out.append([f"{r.latent[0]}x{r.latent[1]}", r.backend, r.mode, f"{r.seconds:.2f}" + ("*" if r.note else ""),
-                    f"{tokens / r.seconds:.1f}", speedup, r.calls, f"{r.flops / tokens / 1e6:,.1f}", f"{gflops:.1f}",
+                    f"{tokens / r.seconds:.1f}", speedup, r.calls, f"{r.flops / tokens / 1e6:,.1f}",
+                    f"{r.masked_flops / r.flops:.0%}", f"{gflops:.1f}",
                     f"{gflops / peaks[r.backend.split('-')[0]]:.0%}", r.same_as_original])
     return out
 
@@ -235,14 +245,19 @@ def print_floors(rows: list[Row]) -> None:
 def print_formula(spec: ModelSpec) -> None:
     d, L, S, V = spec.n_embd, spec.n_layer, spec.block_size, spec.vocab_size
     print(f"""
-Transformer FLOPs (multiply-add = 2 FLOPs; d={d}, layers L={L}, cache capacity S={S}, vocab V={V}):
+Transformer FLOPs (multiply-add = 2 FLOPs; d={d}, layers L={L}, cache slots S={S}, vocab V={V}):
   per call feeding T tokens = T * 24*L*d^2      (per layer Q, K, V, output projection: 4 d^2 MACs; MLP: 8 d^2)
                             + 4*L*T*K*d         (q.k^T and att.v of T queries over K keys)
                             + 2*R*d*V           (the head on R positions)
-  cached calls (exact, fast): K = S = {S} (the graph attends over the whole cache, masking later slots), R = 1;
-    ort-split (prototype): K = T for prefills (causal over the fed tokens), K = S + T for steps
+  cached calls (torch, ort; prefills and steps alike): K = S + T = {S} + T (the S past slots, masked from
+    the call's position on, all of them in a prefill, then the T fed tokens, causally), R = 1 (last position)
+  ort-prefill (prototype): prefills K = T (no past slots), steps as above
   original loop, per token: one call with T = K = R = the window sequence (cond + window - 1 tokens)
-  layer norms, softmax, GELU and embeddings (O(d) per token) are not counted.""")
+  "masked": the share of these FLOPs on (query, key) pairs the mask discards (what a graph attending
+    only over the filled slots would not compute)
+  not counted: layer norms, softmax, GELU, embeddings (O(d) per token), and memory traffic: the cached
+    graph no longer copies the cache; the host writes the T fed tokens' keys and values into it
+    (L*2*T*d floats per call).""")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure_size(latent, spec, backends, gpt, modes, args.window_stride, args.original_full_max, args.original_tokens)
     print(f"\nToken loop, batch 1, greedy; load average at the end {os.getloadavg()[0]:.1f}")
     print_table(table_rows(rows, peaks), ["latent", "backend", "mode", "s/image", "tokens/s", "speedup", "prefills/steps",
-                                         "MFLOP/token", "GFLOP/s", "of peak", "same as original"])
+                                         "MFLOP/token", "masked", "GFLOP/s", "of peak", "same as original"])
     if any(r.note for r in rows):
         print("* the original loop extrapolated from a timed subset of tokens (see --original-full-max)")
     print_floors(rows)

@@ -1,7 +1,9 @@
 """The benchmarks' own computations: FLOP counts, the original loop's per-cell computation, exact-window
-scoring, and the prototypes (same tokens and logits as the runtime)."""
+scoring, the per-step profile's instrumented copy of the runtime's step, the cache-budget helpers, the
+bundle cache's staleness check, and the prototypes (same logits, cache and tokens as the runtime)."""
 from __future__ import annotations
 
+import collections
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import benchlib  # noqa: E402
 import fast_mode_quality  # noqa: E402
 import prototypes  # noqa: E402
 import sampler_speed  # noqa: E402
+import step_profile  # noqa: E402
 from taming_deploy.backends.torch_backend import TorchBackend  # noqa: E402
 from taming_deploy.sampler import sample_tokens  # noqa: E402
 from taming_deploy.sampling import SamplingOptions  # noqa: E402
@@ -28,25 +31,51 @@ def torch_backend(imported_checkpoint):
     return TorchBackend.load(imported_checkpoint)
 
 
-def test_flop_counts_by_hand():
-    spec = ModelSpec(downsample_factor=8, image_codebook_size=512, vocab_size=512, block_size=512, n_layer=6,
+def default_size_spec() -> ModelSpec:
+    return ModelSpec(downsample_factor=8, image_codebook_size=512, vocab_size=512, block_size=512, n_layer=6,
                      n_head=8, n_embd=256, condition=ConditionSpec("segmentation", codebook_size=256, n_labels=8))
+
+
+def test_flop_counts_by_hand():
+    spec = default_size_spec()
     d = 256
     per_layer_linear = 2 * (4 * d * d + 8 * d * d)  # q, k, v, proj; MLP d -> 4d -> d
-    step = 6 * per_layer_linear + 6 * 2 * 2 * 512 * d + 2 * d * 512
-    assert benchlib.call_flops(spec, 1, spec.block_size, 1) == step
+    # a cached step: one query over the 512 past slots and itself
+    step = 6 * per_layer_linear + 6 * 2 * 2 * (512 + 1) * d + 2 * d * 512
+    assert benchlib.cached_call_flops(spec, 1) == step
+    # a prefill of 390 tokens: 390 queries over 512 past slots + the 390 fed tokens, the head once
+    prefill = 390 * 6 * per_layer_linear + 6 * 2 * 2 * 390 * (512 + 390) * d + 2 * d * 512
+    assert benchlib.cached_call_flops(spec, 390) == prefill
+    # masked: at position 300 a step sees 300 slots and itself, 212 slots are masked
+    assert benchlib.cached_call_masked_flops(spec, 1, 300) == 6 * 2 * 2 * 212 * d
+    # a prefill sees none of the 512 slots and the causal half of its own 390 x 390 scores
+    assert benchlib.cached_call_masked_flops(spec, 390, 0) == 6 * 2 * 2 * (390 * 512 + 390 * 389 // 2) * d
     full = 511 * 6 * per_layer_linear + 6 * 2 * 2 * 511 * 511 * d + 511 * 2 * d * 512
     assert benchlib.full_recompute_flops(spec, 511) == full
+    assert benchlib.full_recompute_masked_flops(spec, 511) == 6 * 2 * 2 * (511 * 510 // 2) * d
     assert sampler_speed.original_sequence_length(spec, (24, 32)) == 511
     assert sampler_speed.original_sequence_length(spec, (12, 20)) == 2 * 12 * 16 - 1
 
 
-def test_counted_flops_are_the_call_pattern_total(torch_backend):
-    spec, latent = torch_backend.spec, (17, 18)
-    cond = np.random.default_rng(3).integers(0, spec.condition.codebook_size, (1, *latent))
-    counted = sampler_speed.CountingBackend(torch_backend)
-    _, stats = sample_tokens(counted, cond, latent, GREEDY, np.random.default_rng(0), "fast")
-    assert counted.flops == benchlib.call_flops(spec, stats.fed_tokens, spec.block_size, stats.prefills + stats.steps)
+def test_counted_flops_follow_the_sampler_call_pattern():
+    """One 16x16 placement: a prefill of the 256 condition tokens, then 255 single steps at 256..510."""
+    spec = default_size_spec()
+    counted = sampler_speed.CountingBackend(step_profile.StoredLogitsBackend(spec, np.zeros((1, 512), np.float32)))
+    cond = np.random.default_rng(3).integers(0, 256, (1, 16, 16))
+    _, stats = sample_tokens(counted, cond, (16, 16), GREEDY, np.random.default_rng(0), "exact")
+    assert (stats.prefills, stats.steps) == (1, 255)
+    S, d, L = 512, 256, 6
+    pairs = 256 * (S + 256) + 255 * (S + 1)
+    linear = 511 * benchlib.linear_flops_per_token(spec)
+    assert counted.flops == linear + 2 * L * 2 * pairs * d + 256 * 2 * d * 512
+    masked = 256 * S + 256 * 255 // 2 + sum(S - p for p in range(256, 511))
+    assert counted.masked_flops == 2 * L * 2 * masked * d
+    # the prefill-graph prototype's prefill attends over its 256 tokens only
+    counted.name = "ort-prefill"
+    counted.flops = counted.masked_flops = 0
+    sample_tokens(counted, cond, (16, 16), GREEDY, np.random.default_rng(0), "exact")
+    assert counted.flops == linear + 2 * L * 2 * (256 * 256 + 255 * (S + 1)) * d + 256 * 2 * d * 512
+    assert counted.masked_flops == 2 * L * 2 * (256 * 255 // 2 + sum(S - p for p in range(256, 511))) * d
 
 
 def test_original_token_is_what_the_original_loop_samples(torch_backend):
@@ -60,15 +89,22 @@ def test_original_token_is_what_the_original_loop_samples(torch_backend):
     assert same
 
 
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_reusing_sampler_samples_the_runtime_tokens_with_fewer_prefills(torch_backend, mode):
-    spec, latent = torch_backend.spec, (19, 21)
-    cond = np.random.default_rng(5).integers(0, spec.condition.codebook_size, (1, *latent))
-    runtime, runtime_stats = sample_tokens(torch_backend, cond, latent, GREEDY, np.random.default_rng(0), mode)
-    reusing, stats = prototypes.sample_tokens_reusing(torch_backend, cond, latent, GREEDY, np.random.default_rng(0), mode)
-    np.testing.assert_array_equal(reusing, runtime)
-    assert stats.prefills < runtime_stats.prefills
-    assert stats.prefills + stats.steps == latent[0] * latent[1]
+def test_cache_budget_helpers():
+    spec = default_size_spec()
+    backend = step_profile.StoredLogitsBackend(spec, np.zeros((1, 512), np.float32))
+    assert step_profile.band_columns((24, 32), spec.window, "exact", 8) == 17  # left offsets 0..16
+    assert step_profile.band_columns((16, 16), spec.window, "exact", 8) == 1
+    cond = np.zeros((1, 24, 32), np.int64)
+    run = lambda: sample_tokens(backend, cond, (24, 32), GREEDY, np.random.default_rng(0), "exact")[1]  # noqa: E731
+    own = run()
+    with step_profile.cache_budget(1):
+        single = run()
+    assert step_profile.sampler_module.cache_capacity(backend, 1) > 1  # restored
+    assert single.prefills > own.prefills and single.fed_tokens > own.fed_tokens
+    assert single.prefills + single.steps == own.prefills + own.steps == 24 * 32
+    batch = step_profile.largest_full_reuse_batch(spec, 17)
+    capacity = step_profile.sampler_module.cache_capacity
+    assert capacity(backend, batch) >= 17 > capacity(backend, batch + 1)
 
 
 def test_exact_window_nll_is_the_full_recompute_log_likelihood(torch_backend):
@@ -92,26 +128,61 @@ def test_exact_window_nll_is_the_full_recompute_log_likelihood(torch_backend):
 
 
 @pytest.mark.slow
-def test_prototype_backends_return_the_runtime_logits(fixture_bundle, imported_checkpoint, tmp_path):
+def test_instrumented_step_is_the_runtime_step(fixture_bundle):
+    """The profile times a copy of OrtBackend.transformer_step: it must compute what the runtime does."""
     from taming_deploy.backends.ort_backend import OrtBackend
 
-    graphs = tmp_path / "step.onnx", tmp_path / "prefill.onnx"
-    prototypes.export_split_cache_graphs(imported_checkpoint, *graphs)
+    backend = OrtBackend(fixture_bundle)
+    tokens = np.random.default_rng(9).integers(0, 64, (2, 240))
+    runtime, copy = backend.new_cache(2), backend.new_cache(2)
+    parts: dict[str, list[float]] = collections.defaultdict(list)
+    for start, stop in [(0, 200), (200, 216)] + [(p, p + 1) for p in range(216, 240)]:
+        want = backend.transformer_step(tokens[:, start:stop], start, runtime)
+        got = step_profile.instrumented_step(backend, tokens[:, start:stop], start, copy, parts)
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(copy.kv, runtime.kv)
+    assert len(parts["run_with_iobinding (the graph)"]) == 26
+
+
+@pytest.mark.slow
+def test_prototype_backends_return_the_runtime_logits_cache_and_tokens(fixture_bundle, imported_checkpoint, tmp_path):
+    from taming_deploy.backends.ort_backend import OrtBackend
+
+    prefill_graph = tmp_path / "prefill.onnx"
+    prototypes.export_prefill_graph(imported_checkpoint, prefill_graph)
     runtime = OrtBackend(fixture_bundle)
     candidates = [
-        prototypes.BoundOrtBackend(fixture_bundle),
-        prototypes.SplitCacheOrtBackend(OrtBackend(fixture_bundle), graphs, prototypes.tuned_session_options(None, spinning=False)),
+        prototypes.BoundOrtBackend(fixture_bundle, options=prototypes.tuned_session_options(None, spinning=False)),
+        prototypes.PrefillGraphOrtBackend(fixture_bundle, prefill_graph),
     ]
     tokens = np.random.default_rng(7).integers(0, 64, (2, 511))
-    calls = [(0, 200), (200, 216)] + [(p, p + 1) for p in range(216, 240)] + [(0, 300), (300, 301)]  # re-prefill reuses the cache
+    # multi-token calls between single ones rebind; a re-prefill reuses a cache full of the first sequence
+    calls = [(0, 200), (200, 216)] + [(p, p + 1) for p in range(216, 240)] + [(240, 250), (250, 251), (0, 300), (300, 301)]
     for backend in candidates:
         expected_cache, cache = runtime.new_cache(2), backend.new_cache(2)
         for start, stop in calls:
             want = runtime.transformer_step(tokens[:, start:stop], start, expected_cache)
             got = backend.transformer_step(tokens[:, start:stop], start, cache)
-            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"{backend.name} at {start}:{stop}")
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"{backend.name} at {start}:{stop}")
+        np.testing.assert_allclose(cache.kv, expected_cache.kv, atol=1e-5, rtol=0, err_msg=backend.name)
     cond = np.random.default_rng(8).integers(0, 32, (1, 20, 24))
-    want, _ = sample_tokens(runtime, cond, (20, 24), GREEDY, np.random.default_rng(0))
-    for backend in candidates:
-        got, _ = prototypes.sample_tokens_reusing(backend, cond, (20, 24), GREEDY, np.random.default_rng(0))
-        np.testing.assert_array_equal(got, want)
+    for mode in ("exact", "fast"):
+        want, _ = sample_tokens(runtime, cond, (20, 24), GREEDY, np.random.default_rng(0), mode)
+        for backend in candidates:
+            got, _ = sample_tokens(backend, cond, (20, 24), GREEDY, np.random.default_rng(0), mode)
+            np.testing.assert_array_equal(got, want, err_msg=f"{backend.name} {mode}")
+
+
+@pytest.mark.slow
+def test_cached_bundles_of_an_older_format_are_not_reused(fixture_bundle, tmp_path):
+    import json
+    import shutil
+
+    assert benchlib.loadable(fixture_bundle)
+    assert not benchlib.loadable(tmp_path / "missing")
+    stale = tmp_path / "stale"
+    shutil.copytree(fixture_bundle, stale)
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["format_version"] -= 1
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    assert not benchlib.loadable(stale)
