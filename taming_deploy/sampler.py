@@ -11,7 +11,6 @@ DESIGN.md for the cost model.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,31 +36,34 @@ class SampleStats:
 class PlacementCaches:
     """Caches of the placements in the current band of rows, keyed by the window's left column.
 
-    At most ``capacity`` are kept (least recently used first out, its memory reused for the next).
+    At most ``capacity`` placements keep their cache; the others share one scratch cache that is
+    refilled every time. (Evicting the least recently used instead would evict, in a band with more
+    placements than capacity, exactly the cache needed next, and reuse nothing at all.)
     """
 
     def __init__(self, backend: Backend, batch: int, capacity: int):
-        self.backend, self.batch, self.capacity = backend, batch, max(1, capacity)
+        self.backend, self.batch, self.capacity = backend, batch, max(1, capacity - 1)
         self.top: int | None = None
-        self.entries: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # left -> (cache, tokens filled)
+        self.kept: dict[int, tuple[Any, int | None]] = {}  # left -> (cache, window tokens it holds)
+        self.scratch: Any = None
 
     def get(self, top: int, left: int) -> tuple[Any, int | None]:
         """The cache for a placement and how many window tokens it holds (None: nothing yet)."""
-        if top != self.top:
+        if top != self.top:  # a new band: every kept cache is stale (its memory is reused)
             self.top = top
-            self.entries = OrderedDict((k, (cache, None)) for k, (cache, _) in self.entries.items())  # type: ignore[misc]
-        if left in self.entries:
-            self.entries.move_to_end(left)
-            return self.entries[left]
-        if len(self.entries) >= self.capacity:
-            _, (cache, _) = self.entries.popitem(last=False)
-        else:
-            cache = self.backend.new_cache(self.batch)
-        self.entries[left] = (cache, None)  # type: ignore[assignment]
-        return cache, None
+            self.kept = {k: (cache, None) for k, (cache, _) in self.kept.items()}
+        if left in self.kept:
+            return self.kept[left]
+        if len(self.kept) < self.capacity:
+            self.kept[left] = (self.backend.new_cache(self.batch), None)
+            return self.kept[left]
+        if self.scratch is None:
+            self.scratch = self.backend.new_cache(self.batch)
+        return self.scratch, None
 
     def put(self, left: int, cache: Any, filled: int) -> None:
-        self.entries[left] = (cache, filled)
+        if left in self.kept:
+            self.kept[left] = (cache, filled)
 
 
 def cache_capacity(backend: Backend, batch: int) -> int:

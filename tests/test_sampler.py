@@ -107,3 +107,16 @@ def test_placement_caches_are_continued_across_rows_of_a_band(torch_backend):
     assert stats.prefills < placements / 2
     oracle = reference_greedy(torch_backend.model.transformer, cond, (24, 20), (16, 16), torch_backend.spec.image_codebook_size)
     np.testing.assert_array_equal(tokens, oracle)
+
+
+def test_a_cache_budget_smaller_than_a_band_still_reuses_what_it_keeps(torch_backend, monkeypatch):
+    import taming_deploy.sampler as sampler
+
+    rng = np.random.default_rng(5)
+    cond = rng.integers(0, torch_backend.spec.condition.codebook_size, size=(1, 20, 24))
+    unlimited, stats_unlimited = sample_tokens(torch_backend, cond, (20, 24), SamplingOptions(greedy=True), rng)
+    monkeypatch.setattr(sampler, "cache_capacity", lambda backend, batch: 4)  # 3 kept + 1 scratch, 9 columns per band
+    limited, stats_limited = sample_tokens(torch_backend, cond, (20, 24), SamplingOptions(greedy=True), rng)
+    np.testing.assert_array_equal(limited, unlimited)
+    placements = len(schedule((20, 24), (16, 16), "exact"))
+    assert stats_unlimited.prefills < stats_limited.prefills < placements
