@@ -108,8 +108,11 @@ class TransformerStage:
         path = Path(run_dir) / TOKEN_CACHE
         if self.env.is_main and not (path.exists() and str(np.load(path)["key"]) == key.hexdigest()):
             rng = np.random.default_rng([loop.seed, 1 << 32])
-            batch = self.source.sample(rng, loop.token_cache_images, loop.token_cache_size)
-            maps = encode_maps(self.model, batch.images, batch.labels, self.env.device)
+            parts = []
+            for start in range(0, loop.token_cache_images, ENCODE_BATCH):  # in chunks: bounded memory
+                batch = self.source.sample(rng, min(ENCODE_BATCH, loop.token_cache_images - start), loop.token_cache_size)
+                parts.append(encode_maps(self.model, batch.images, batch.labels, self.env.device))
+            maps = TokenMaps(np.concatenate([p.condition for p in parts]), np.concatenate([p.image for p in parts]))
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, key=key.hexdigest(), condition=maps.condition, image=maps.image)
