@@ -100,3 +100,14 @@ def test_bundle_without_condition_encoder_refuses_cond(tmp_path, label_map):
     proc = run_cli("generate", "--model", str(tmp_path / "bundle"), "--size", "64x64", "--greedy", "--out", str(tmp_path / "u.png"))
     assert proc.returncode == 0, proc.stderr
     assert Image.open(tmp_path / "u.png").size == (64, 64)
+
+
+def test_pipeline_calls_from_several_threads_give_what_each_gives_alone(tiny_checkpoint, label_map):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipeline = Pipeline.load(tiny_checkpoint, backend="torch")
+    alone = {seed: pipeline.generate(label_map[0], seed=seed).tokens for seed in range(4)}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = dict(zip(range(4), pool.map(lambda seed: pipeline.generate(label_map[0], seed=seed).tokens, range(4))))
+    for seed in range(4):
+        np.testing.assert_array_equal(together[seed], alone[seed])
