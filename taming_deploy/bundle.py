@@ -136,7 +136,8 @@ class Bundle:
 
     def graph(self, name: str, precision: str = "fp32") -> GraphFile:
         if not self.has_graph(name, precision):
-            raise UserError(f"{self.path}: the bundle has no {precision} {name} graph")
+            present = ", ".join(f"{graph} {p}" for graph, by_precision in self.manifest.graphs.items() for p in by_precision)
+            raise UserError(f"{self.path}: the bundle has no {precision} {name} graph (it has: {present})")
         return self.manifest.graphs[name][precision]
 
     def graph_path(self, name: str, precision: str = "fp32") -> Path:

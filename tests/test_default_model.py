@@ -1,0 +1,54 @@
+"""The embedded default model: shipped in the package, intact, used when no model is named, and it
+paints what the label map asks for."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import run_cli
+from taming_deploy.bundle import Bundle
+from taming_deploy.model_paths import DEFAULT_MODEL
+from taming_deploy.pipeline import Pipeline
+from training.data.synthetic_landscapes import LABELS
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_the_shipped_bundle_matches_its_manifest_and_describes_the_landscape_labels():
+    bundle = Bundle(DEFAULT_MODEL)
+    bundle.verify_all()  # every graph's sha256
+    condition = bundle.spec.condition
+    assert condition.kind == "segmentation"
+    assert tuple(condition.label_names) == tuple(LABELS)
+
+
+def test_generate_without_a_model_uses_the_embedded_one(tmp_path):
+    out = tmp_path / "out.png"
+    proc = run_cli("generate", "--cond", str(EXAMPLES / "landscape_01.png"), "--size", "128x128", "--seed", "0",
+                   "--out", str(out), "--save-tokens", str(tmp_path / "t.npy"))
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (128, 128)
+    tokens = np.load(tmp_path / "t.npy")
+    assert tokens.shape == (16, 16) and len(np.unique(tokens)) > 20  # a picture, not one repeated code
+
+
+@pytest.mark.slow
+def test_the_default_model_follows_the_example_label_maps():
+    """The shipped segmenter, applied to a landscape generated from each example map, agrees with
+    that map better than with the other examples' maps: the layout comes from the condition."""
+    import torch
+
+    from training.evaluation.metrics import confusion_matrix, pixel_accuracy
+    from training.evaluation.segmenter import load_segmenter, segment, uint8_to_model
+
+    torch.set_num_threads(1)
+    maps = [np.asarray(Image.open(EXAMPLES / f"landscape_0{k}.png")) for k in (1, 2, 3)]
+    pipeline, segmenter = Pipeline.load(None, backend="ort"), load_segmenter()
+    for k, labels in enumerate(maps):
+        image = np.asarray(pipeline.generate(labels, seed=0).images[0])
+        predicted = segment(segmenter, uint8_to_model(image[None]))[0]
+        accuracy = [pixel_accuracy(confusion_matrix(predicted, other, len(LABELS))) for other in maps]
+        assert accuracy[k] == max(accuracy), (k, accuracy)
