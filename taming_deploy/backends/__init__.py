@@ -44,7 +44,9 @@ def load_backend(path: Path | str | None, backend: BackendName = "auto", note: C
     kind = "checkpoint" if is_checkpoint(path) and not is_bundle(path) else "bundle"
     trt_backend, failure = probe_trt_backend(path) if kind == "bundle" and backend in ("auto", "trt") else (None, None)
     choice = choose_backend(backend, kind, failure)
-    if choice.note:
+    if choice.note and path == DEFAULT_MODEL and not (path / "engines").exists():
+        note("backend auto: the embedded model ships without TensorRT engines; running on ONNX Runtime")
+    elif choice.note:
         note(choice.note)
     if choice.backend == "trt":
         assert trt_backend is not None
