@@ -32,26 +32,22 @@ def test_every_runtime_module_imports_without_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+def run_cli_without_torch(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`taming-deploy ARGS` in a fresh interpreter where importing torch and the training code fails."""
+    code = BLOCK + f"from taming_deploy.cli import main\nsys.argv = {['taming-deploy', *args]!r}\nmain()\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_generate_from_a_bundle_without_torch(fixture_bundle, label_png, tmp_path):
-    code = BLOCK + (
-        "from taming_deploy.cli import main\n"
-        f"sys.argv = ['taming-deploy', 'generate', '--model', {str(fixture_bundle)!r}, '--cond', {str(label_png)!r},"
-        f" '--greedy', '--out', {str(tmp_path / 'out.png')!r}]\n"
-        "main()\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = run_cli_without_torch("generate", "--model", str(fixture_bundle), "--cond", str(label_png), "--greedy",
+                                 "--out", str(tmp_path / "out.png"), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out.png").is_file()
 
 
 def test_torch_backend_without_torch_says_what_to_install(tiny_checkpoint, tmp_path):
-    code = BLOCK + (
-        "from taming_deploy.cli import main\n"
-        f"sys.argv = ['taming-deploy', 'generate', '--model', {str(tiny_checkpoint)!r}, '--backend', 'torch',"
-        f" '--out', {str(tmp_path / 'o.png')!r}]\n"
-        "main()\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = run_cli_without_torch("generate", "--model", str(tiny_checkpoint), "--backend", "torch",
+                                 "--out", str(tmp_path / "o.png"), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "pip install 'taming-deploy[train]'" in proc.stderr
