@@ -39,7 +39,10 @@ def setup() -> DistEnv:
 
 
 def teardown() -> None:
+    """All ranks meet before the group is destroyed: a rank tearing gloo down while its peer still
+    has work pending aborts the peer ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
