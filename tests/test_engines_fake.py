@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import gc
 import hashlib
 import json
 from pathlib import Path
@@ -383,6 +384,14 @@ def graph(name: str, precision: str = "fp32") -> GraphFile:
     }[name]
     suffix = ".fp16" if precision == "fp16" else ""
     return GraphFile(f"{name}{suffix}.onnx", "", precision, *io)
+
+
+@pytest.fixture(autouse=True)
+def free_fake_device_memory_while_patched(monkeypatch):
+    """Device buffers are freed by finalizers; collect them while the fake cudart is still in place
+    (this fixture tears down before ``monkeypatch`` restores the real one)."""
+    yield
+    gc.collect()
 
 
 def install_fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str = "fp32") -> SimpleNamespace:
