@@ -1,4 +1,4 @@
-"""Pieces the stages share: mixed precision, gradient accumulation under DDP, image grids."""
+"""Pieces the stages share: mixed precision, gradient accumulation under DDP, image grids, checkpointed weights."""
 from __future__ import annotations
 
 import contextlib
@@ -65,3 +65,15 @@ def image_grid(rows: list[np.ndarray]) -> np.ndarray:
         pixels = ((np.clip(row, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
         lines.append(np.concatenate(list(pixels), axis=1))
     return np.concatenate(lines, axis=0)
+
+
+class ModelWeights:
+    """``weights``/``restore`` for a stage whose whole trained state is ``self.model`` (no extra networks)."""
+
+    model: nn.Module
+
+    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return self.model.state_dict(), {}
+
+    def restore(self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights)

@@ -12,7 +12,7 @@ from training.distributed import DistEnv
 from training.losses.vqgan_loss import segmentation_loss
 from training.models.net2net import TamingModel
 from training.models.vqgan import AutoencoderConfig
-from training.stages.common import autocast, image_grid, sync_gradients, to_device, wrap_ddp
+from training.stages.common import ModelWeights, autocast, image_grid, sync_gradients, to_device, wrap_ddp
 from training.stages.codebook import CodebookRestarter
 from training.train_config import TrainConfig
 
@@ -28,7 +28,7 @@ def label_pictures(labels: np.ndarray, palette: tuple[tuple[int, int, int], ...]
     return colours[labels].transpose(0, 3, 1, 2)
 
 
-class ConditionStage:
+class ConditionStage(ModelWeights):
     def __init__(self, cfg: TrainConfig, env: DistEnv, source: Source):
         self.cfg, self.env, self.source = cfg, env, source
         autoencoder = AutoencoderConfig.from_dict(cfg.model)
@@ -72,12 +72,6 @@ class ConditionStage:
         if restarted:
             logs["train/codes_restarted"] = float(restarted)
         return logs
-
-    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return self.model.state_dict(), {}
-
-    def restore(self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(weights)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:

@@ -26,7 +26,7 @@ from training.data.sources import Source
 from training.distributed import DistEnv, barrier
 from training.models.gpt import GPTConfig
 from training.models.net2net import TamingModel
-from training.stages.common import autocast, image_grid, sync_gradients, to_device, wrap_ddp
+from training.stages.common import ModelWeights, autocast, image_grid, sync_gradients, to_device, wrap_ddp
 from training.stages.cond import label_pictures
 from training.train_config import TrainConfig
 
@@ -62,7 +62,7 @@ def encode_maps(model: TamingModel, images: np.ndarray, labels: np.ndarray, devi
     return TokenMaps(torch.cat(conds).numpy(), torch.cat(tokens).numpy())
 
 
-class TransformerStage:
+class TransformerStage(ModelWeights):
     def __init__(self, cfg: TrainConfig, env: DistEnv, source: Source, run_dir: Path):
         self.cfg, self.env, self.source = cfg, env, source
         assert cfg.first_stage is not None and cfg.cond_stage is not None
@@ -147,12 +147,6 @@ class TransformerStage:
         torch.nn.utils.clip_grad_norm_(self.model.transformer.parameters(), 1.0)
         optimizer.step()
         return {"train/loss": total, "train/lr": lr}
-
-    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return self.model.state_dict(), {}
-
-    def restore(self, weights: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(weights)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
