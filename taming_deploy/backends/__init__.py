@@ -37,16 +37,19 @@ def load_backend(path: Path | str | None, backend: BackendName = "auto", note: C
     """``auto``: a checkpoint runs on torch; a bundle on its TensorRT engines when they load here,
     else on ONNX Runtime (``note`` is told why)."""
     from engines import choose_backend, probe_trt_backend
+    from engines.engine_manifest import engines_dir
 
     path = DEFAULT_MODEL if path is None else Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such model (expected an exported bundle or a taming-deploy checkpoint)")
+    if backend == "auto" and path == DEFAULT_MODEL and not engines_dir(path).exists():
+        # nothing to probe, and the usual "build them with ..." hint would point into site-packages
+        note("backend auto: the embedded model ships without TensorRT engines; running on ONNX Runtime")
+        return load_ort(path)
     kind = "checkpoint" if is_checkpoint(path) and not is_bundle(path) else "bundle"
     trt_backend, failure = probe_trt_backend(path) if kind == "bundle" and backend in ("auto", "trt") else (None, None)
     choice = choose_backend(backend, kind, failure)
-    if choice.note and path == DEFAULT_MODEL and not (path / "engines").exists():
-        note("backend auto: the embedded model ships without TensorRT engines; running on ONNX Runtime")
-    elif choice.note:
+    if choice.note:
         note(choice.note)
     if choice.backend == "trt":
         assert trt_backend is not None
