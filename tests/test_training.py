@@ -24,7 +24,7 @@ from training.metrics import read_metrics
 from training.models.net2net import TamingModel
 from training.models.vqgan import AutoencoderConfig
 from training.stages.cond import ConditionStage
-from training.stages.transformer import TransformerStage
+from training.stages.transformer import TransformerStage, tile_windows
 from training.stages.vqgan import VQGANStage
 
 CPU = DistEnv(rank=0, world_size=1, device=torch.device("cpu"))
@@ -115,9 +115,12 @@ def test_transformer_step_changes_only_the_transformer_and_lowers_loss(tmp_path)
     stage = TransformerStage(cfg, CPU, SyntheticLandscapes(), tmp_path / "run")
     cond_tokens, image_tokens = (torch.from_numpy(a) for a in stage.sample_batch(np.random.default_rng(0)))
 
-    def loss() -> float:
+    def loss_on(cond: torch.Tensor, image: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(stage.model.loss(cond_tokens, image_tokens))
+            return float(stage.model.loss(cond, image))
+
+    def loss() -> float:
+        return loss_on(cond_tokens, image_tokens)
 
     before, gpt, frozen = loss(), snapshot(stage.model.transformer), snapshot(stage.model.first_stage_model)
     for step in range(3):
@@ -129,6 +132,25 @@ def test_transformer_step_changes_only_the_transformer_and_lowers_loss(tmp_path)
     assert decay[0]["weight_decay"] == 0.01 and decay[1]["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay[0]["params"])  # Linear weights only
     assert any(p is stage.model.transformer.pos_emb for p in decay[1]["params"])
+
+    scores, pictures = stage.evaluate(3)  # validation scores every window of the held-out maps
+    windows = [torch.from_numpy(tile_windows(m, cfg.window)) for m in (stage.validation_maps.condition, stage.validation_maps.image)]
+    assert len(windows[0]) > len(stage.validation_maps.image)
+    assert scores["val/loss"] == pytest.approx(loss_on(*windows), rel=1e-5)
+    assert pictures["val/labels_samples"].ndim == 3
+
+
+@pytest.mark.parametrize("shape, window, tiles", [((32, 32), (16, 16), 4), ((20, 24), (16, 16), 4),
+                                                  ((8, 40), (16, 16), 3)])
+def test_validation_windows_are_crops_that_cover_every_position(shape, window, tiles):
+    maps = np.arange(2 * shape[0] * shape[1]).reshape(2, *shape)
+    windows = tile_windows(maps, window)
+    wh, ww = min(window[0], shape[0]), min(window[1], shape[1])
+    assert windows.shape == (2 * tiles, wh * ww)
+    assert set(windows.ravel()) == set(maps.ravel())
+    for flat in windows:  # each row is one contiguous crop of one map, in raster order
+        n, top, left = np.unravel_index(flat[0], maps.shape)
+        assert np.array_equal(flat, maps[n, top : top + wh, left : left + ww].ravel())
 
 
 def test_adaptive_weight_matches_its_formula_on_a_tiny_decoder():

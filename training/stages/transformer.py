@@ -53,6 +53,23 @@ def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def _window_starts(size: int, window: int) -> list[int]:
+    return sorted({*range(0, size - window + 1, window), size - window})
+
+
+def tile_windows(maps: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+    """(N, h, w) token maps -> (N * tiles, wh * ww) windows that together cover every position.
+
+    Windows step by their own size; where that leaves a remainder, the last window of the row or
+    column ends at the edge (overlapping its neighbour). Validating on all of them scores the whole
+    scene, not only its top-left corner (mostly sky in a landscape, and far easier than the rest).
+    """
+    _, h, w = maps.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    tiles = [maps[:, t : t + wh, l : l + ww] for t in _window_starts(h, wh) for l in _window_starts(w, ww)]
+    return np.stack(tiles, axis=1).reshape(-1, wh * ww)
+
+
 @torch.no_grad()
 def encode_maps(model: TamingModel, images: np.ndarray, labels: np.ndarray, device: torch.device) -> TokenMaps:
     conds, tokens = [], []
@@ -153,10 +170,10 @@ class TransformerStage(ModelWeights):
         gpt = self.model.transformer
         gpt.eval()
         wh, ww = self.cfg.window
-        cond = torch.from_numpy(self.validation_maps.condition[:, :wh, :ww].reshape(len(self.validation_labels), -1))
-        image = torch.from_numpy(self.validation_maps.image[:, :wh, :ww].reshape(len(self.validation_labels), -1))
-        logits = self.model(cond.to(self.env.device), image.to(self.env.device))
-        val_loss = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), image.to(self.env.device).reshape(-1)))
+        cond, image = (torch.from_numpy(tile_windows(maps, (wh, ww))).to(self.env.device)
+                       for maps in (self.validation_maps.condition, self.validation_maps.image))
+        logits = self.model(cond, image)
+        val_loss = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), image.reshape(-1)))
         backend = TorchBackend(self.model, self.env.device)
         shown = 4
         f = self.config.first_stage.downsample_factor  # type: ignore[union-attr]
