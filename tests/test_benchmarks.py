@@ -1,6 +1,7 @@
 """The benchmarks' own computations: FLOP counts, the original loop's per-cell computation, exact-window
 scoring, the per-step profile's instrumented copy of the runtime's step, the cache-budget helpers, the
-bundle cache's staleness check, and the prototypes (same logits, cache and tokens as the runtime)."""
+bundle cache's staleness check, the prototypes (same logits, cache and tokens as the runtime) and the
+resampling baseline of the reconstruction table."""
 from __future__ import annotations
 
 import collections
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import benchlib  # noqa: E402
 import fast_mode_quality  # noqa: E402
 import prototypes  # noqa: E402
+import reconstruction_baselines  # noqa: E402
 import sampler_speed  # noqa: E402
 import step_profile  # noqa: E402
 from taming_deploy.backends.torch_backend import TorchBackend  # noqa: E402
@@ -186,3 +188,14 @@ def test_cached_bundles_of_an_older_format_are_not_reused(fixture_bundle, tmp_pa
     manifest["format_version"] -= 1
     (stale / "manifest.json").write_text(json.dumps(manifest))
     assert not benchlib.loadable(stale)
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_resampling_baseline_keeps_what_the_grid_samples_and_drops_what_it_cannot(mode):
+    import torch
+
+    flat = torch.full((1, 3, 32, 32), 0.25)
+    assert torch.allclose(reconstruction_baselines.resampled(flat, 8, mode), flat)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2.0 - 1.0  # period 2 < f
+    out = reconstruction_baselines.resampled(checker.expand(1, 3, 32, 32), 4, mode)
+    assert out.shape == (1, 3, 32, 32) and torch.allclose(out, torch.zeros_like(out), atol=1e-6)
