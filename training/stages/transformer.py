@@ -172,8 +172,7 @@ class TransformerStage(ModelWeights):
         wh, ww = self.cfg.window
         cond, image = (torch.from_numpy(tile_windows(maps, (wh, ww))).to(self.env.device)
                        for maps in (self.validation_maps.condition, self.validation_maps.image))
-        logits = self.model(cond, image)
-        val_loss = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), image.reshape(-1)))
+        val_loss = float(self.model.loss(cond, image))
         backend = TorchBackend(self.model, self.env.device)
         shown = 4
         f = self.config.first_stage.downsample_factor  # type: ignore[union-attr]
