@@ -29,7 +29,7 @@ from export.graph_files import graph_entry, write_manifest
 from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory
-from training.checkpoint import load_model
+from training.checkpoint import load_model, replace_decoder
 from training.models.net2net import TamingModel
 
 VALIDATION_STEPS = 48  # single cached steps checked per sequence after the prefill
@@ -113,9 +113,13 @@ def export_bundle(
     calibration_count: int = 8,
     fp16: bool = True,
     echo: Callable[[str], None] = print,
+    decoder: Path | None = None,
 ) -> Manifest:
+    """``decoder``: a decoder fine-tune of the checkpoint's first stage whose decoder replaces the checkpoint's."""
     started = time.perf_counter()
     model = load_model(Path(checkpoint_dir))
+    if decoder is not None:
+        replace_decoder(model, load_model(Path(decoder)), Path(decoder))
     spec = model.config.spec()
     calib = calibration_set(calibration, spec, count=calibration_count)
     with atomic_directory(Path(out_dir)) as tmp:

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from training_fixtures import tiny_config, write_yaml
-from training.checkpoint import save_checkpoint
+from taming_deploy.errors import UserError
+from training.checkpoint import load_model, replace_decoder, save_checkpoint
 from training.config import ModelConfig
 from training.data.sources import SyntheticLandscapes
 from training.distributed import DistEnv
@@ -23,9 +25,11 @@ from training.losses.vqgan_loss import adaptive_weight
 from training.metrics import read_metrics
 from training.models.net2net import TamingModel
 from training.models.vqgan import AutoencoderConfig
+from training.stages.common import learning_rate
 from training.stages.cond import ConditionStage
 from training.stages.transformer import TransformerStage, tile_windows
 from training.stages.vqgan import VQGANStage
+from training.train_config import load_train_config
 
 CPU = DistEnv(rank=0, world_size=1, device=torch.device("cpu"))
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +83,72 @@ def test_discriminator_step_after_disc_start_lowers_its_hinge_loss():
     after = d_loss()
     stage.discriminator.load_state_dict(disc)
     assert after < d_loss() or after < before
+
+
+def tiny_vqgan_checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    config = ModelConfig(first_stage=AutoencoderConfig.from_dict(tiny_config("vqgan").model))
+    save_checkpoint(path, config, TamingModel(config).state_dict())
+    return path
+
+
+def decoder_finetune(checkpoint: Path) -> VQGANStage:
+    cfg = tiny_config("vqgan", lr=1e-3)
+    cfg.model, cfg.finetune_decoder = {}, checkpoint
+    cfg.loss["disc_start"] = 1000
+    return VQGANStage(cfg, CPU, SyntheticLandscapes())
+
+
+def test_decoder_finetune_trains_only_the_decoder_and_keeps_every_token(tmp_path):
+    stage = decoder_finetune(tiny_vqgan_checkpoint(tmp_path / "vq", seed=0))
+    batch = stage.sample_batch(np.random.default_rng(0))
+    x = torch.from_numpy(batch.images)
+
+    def tokens_and_loss() -> tuple[torch.Tensor, float]:
+        with torch.no_grad():
+            rec, latent = stage.vq(x)
+            total, _ = stage.loss.generator_loss(latent.codebook_loss, x, rec, 0, stage.vq.decoder.conv_out.weight)
+            return latent.indices, float(total)
+
+    (tokens, before), encoder, decoder = tokens_and_loss(), snapshot(stage.vq.encoder), snapshot(stage.vq.decoder)
+    codebook = stage.vq.quantize.embedding.weight.detach().clone()
+    for step in range(3):
+        stage.train_step([batch], step)
+    tokens_after, after = tokens_and_loss()
+    assert changed(decoder, stage.vq.decoder) and after < before
+    assert not changed(encoder, stage.vq.encoder) and torch.equal(codebook, stage.vq.quantize.embedding.weight)
+    assert torch.equal(tokens, tokens_after)
+    lr = stage.optimizers["autoencoder"].param_groups[0]["lr"]
+    assert lr == pytest.approx(learning_rate(2, 1e-3, stage.cfg.train.warmup_steps, stage.cfg.train.steps))
+
+
+def test_export_takes_a_finetuned_decoder_only_from_the_same_first_stage(tmp_path):
+    original = tiny_vqgan_checkpoint(tmp_path / "vq", seed=0)
+    stage = decoder_finetune(original)
+    stage.train_step([stage.sample_batch(np.random.default_rng(0))], 0)
+    save_checkpoint(tmp_path / "tuned", stage.config, stage.model.state_dict())
+    model = load_model(original)
+    replace_decoder(model, load_model(tmp_path / "tuned"), tmp_path / "tuned")
+    indices = torch.randint(0, stage.config.first_stage.n_embed, (1, 4, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model.first_stage_model.decode_indices(indices), stage.vq.decode_indices(indices), rtol=0, atol=0)
+    with pytest.raises(UserError, match="not a decoder fine-tune"):
+        replace_decoder(model, load_model(tiny_vqgan_checkpoint(tmp_path / "other", seed=1)), tmp_path / "other")
+
+
+def test_decoder_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):
+    doc = {"stage": "vqgan", "finetune_decoder": str(tmp_path / "vq"), "train": {"steps": 5}}
+    cfg = load_train_config(write_doc(doc, tmp_path / "ft.yaml"), "vqgan")
+    assert cfg.finetune_decoder == tmp_path / "vq" and cfg.model == {}
+    with pytest.raises(UserError, match="remove the model section"):
+        load_train_config(write_doc({**doc, "model": tiny_config("vqgan").model}, tmp_path / "both.yaml"), "vqgan")
+    with pytest.raises(UserError, match="no model section"):
+        load_train_config(write_doc({**doc, "stage": "cond"}, tmp_path / "cond.yaml"), "cond")
+
+
+def write_doc(doc: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
 def test_condition_step_changes_weights_and_lowers_loss_on_a_repeated_batch():

@@ -71,3 +71,24 @@ def load_model(path: Path, device: str = "cpu") -> TamingModel:
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+DECODER_PARTS = ("post_quant_conv.", "decoder.")
+
+
+def replace_decoder(model: TamingModel, donor: TamingModel, donor_path: Path) -> None:
+    """Give ``model`` the decoder of ``donor``, a decoder fine-tune of the same first stage.
+
+    Everything else in the two first stages (encoder, quant_conv, codebook) must be identical: the
+    model's GPT was trained on those tokens and the donor's decoder on that codebook.
+    """
+    if model.config.first_stage is None or donor.config.first_stage != model.config.first_stage:
+        raise UserError(f"{donor_path}: its first stage is not configured like this model's, so it cannot supply the decoder")
+    ours, theirs = model.first_stage_model.state_dict(), donor.first_stage_model.state_dict()
+    differing = [k for k in ours if not k.startswith(DECODER_PARTS) and not torch.equal(ours[k], theirs[k])]
+    if differing:
+        raise UserError(
+            f"{donor_path} is not a decoder fine-tune of this model's first stage: {len(differing)} encoder or "
+            f"codebook tensors differ (first: {differing[0]}), so its decoder expects other tokens"
+        )
+    model.first_stage_model.load_state_dict({k: theirs[k] if k.startswith(DECODER_PARTS) else v for k, v in ours.items()})

@@ -5,6 +5,8 @@
     loss: {...}         VQLossConfig fields (vqgan) or {codebook_weight} (cond)
     first_stage: DIR    transformer only: trained VQGAN checkpoint
     cond_stage: DIR     transformer only: trained condition checkpoint
+    finetune_decoder: DIR  vqgan only, instead of model: train this VQGAN's decoder alone (its encoder
+                        and codebook stay frozen, so its token maps, and a GPT trained on them, stay valid)
     train: {...}        LoopConfig fields
 Checkpoint paths are relative to the working directory; the CLI can override them.
 """
@@ -48,6 +50,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     first_stage: Path | None = None
     cond_stage: Path | None = None
+    finetune_decoder: Path | None = None
     pkeep: float = 1.0
     window: tuple[int, int] = (16, 16)
 
@@ -68,16 +71,19 @@ def load_train_config(path: Path, stage: str, overrides: dict | None = None) -> 
         raise UserError(f"cannot read training config {path}: {exc}") from None
     if doc.get("stage", stage) != stage:
         raise UserError(f"{path} is a config for stage {doc.get('stage')!r}, not {stage!r}")
-    if "model" not in doc:
+    if stage == "vqgan" and doc.get("finetune_decoder") and "model" in doc:
+        raise UserError(f"{path}: a decoder fine-tune takes its model from finetune_decoder; remove the model section")
+    if "model" not in doc and not (stage == "vqgan" and doc.get("finetune_decoder")):
         raise UserError(f"{path}: no model section")
     loop = {**doc.get("train", {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
     config = TrainConfig(
         stage=stage,
-        model=doc["model"],
+        model=doc.get("model", {}),
         loss=doc.get("loss", {}),
         train=LoopConfig(**known(LoopConfig, loop, f"{path}: train")),
         first_stage=Path(doc["first_stage"]) if doc.get("first_stage") else None,
         cond_stage=Path(doc["cond_stage"]) if doc.get("cond_stage") else None,
+        finetune_decoder=Path(doc["finetune_decoder"]) if doc.get("finetune_decoder") else None,
         pkeep=float(doc.get("pkeep", 1.0)),
         window=tuple(doc.get("window", (16, 16))),
     )

@@ -1,7 +1,8 @@
-"""Pieces the stages share: mixed precision, gradient accumulation under DDP, image grids, checkpointed weights."""
+"""Pieces the stages share: mixed precision, gradient accumulation under DDP, the learning-rate schedule, image grids, checkpointed weights."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,6 +19,19 @@ def autocast(env: DistEnv, precision: str) -> contextlib.AbstractContextManager:
     if env.device.type == "cuda" and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of ``base``: a pure function of the step (resume-safe)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:

@@ -7,7 +7,6 @@ which is what the sliding-window sampler shows the transformer at generation tim
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from training.data.sources import Source
 from training.distributed import DistEnv, barrier
 from training.models.gpt import GPTConfig
 from training.models.net2net import TamingModel
-from training.stages.common import ModelWeights, autocast, image_grid, sync_gradients, to_device, wrap_ddp
+from training.stages.common import ModelWeights, autocast, image_grid, learning_rate, set_learning_rate, sync_gradients, to_device, wrap_ddp
 from training.stages.cond import label_pictures
 from training.train_config import TrainConfig
 
@@ -43,14 +42,6 @@ class TokenMaps:
 
 def linear_weight_names(model: torch.nn.Module) -> set[str]:
     return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-
-
-def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warmup, then cosine decay to a tenth of ``base``: a pure function of the step (resume-safe)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def _window_starts(size: int, window: int) -> list[int]:
@@ -151,8 +142,7 @@ class TransformerStage(ModelWeights):
     def train_step(self, micro_batches: list[tuple[np.ndarray, np.ndarray]], step: int) -> dict[str, float]:
         optimizer = self.optimizers["transformer"]
         lr = learning_rate(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k, (cond, image) in enumerate(micro_batches):

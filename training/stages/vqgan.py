@@ -1,20 +1,32 @@
-"""VQGAN first stage: L1 + LPIPS + PatchGAN hinge loss with the adaptive weight, codebook loss."""
+"""VQGAN first stage: L1 + LPIPS + PatchGAN hinge loss with the adaptive weight, codebook loss.
+
+With ``finetune_decoder`` the stage starts from a trained VQGAN and trains its decoder alone
+(post_quant_conv + decoder), under the cosine learning-rate schedule: the encoder and codebook are
+frozen and codebook restarts are off, so every image keeps its token map and a GPT trained on those
+tokens stays valid with the new decoder.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from taming_deploy.errors import UserError
+from training.checkpoint import load_model
 from training.config import ModelConfig
 from training.data.sources import Batch, Source
 from training.distributed import DistEnv
 from training.losses.vqgan_loss import VQLossConfig, VQLPIPSWithDiscriminator
 from training.models.net2net import TamingModel
-from training.models.vqgan import AutoencoderConfig
+from training.models.vqgan import AutoencoderConfig, VQModel
 from training.stages.common import (
     autocast,
     average_gradients,
     broadcast_from_rank0,
     image_grid,
+    learning_rate,
+    set_learning_rate,
     sync_gradients,
     to_device,
     wrap_ddp,
@@ -25,30 +37,45 @@ from training.train_config import TrainConfig
 VALIDATION_IMAGES = 8
 
 
+def trained_first_stage(path: Path) -> VQModel:
+    model = load_model(path)
+    if model.config.first_stage is None:
+        raise UserError(f"finetune_decoder {path}: this checkpoint has no first stage (VQGAN)")
+    return model.first_stage_model
+
+
 class VQGANStage:
     def __init__(self, cfg: TrainConfig, env: DistEnv, source: Source):
         self.cfg, self.env, self.source = cfg, env, source
-        self.config = ModelConfig(first_stage=AutoencoderConfig.from_dict(cfg.model))
-        self.model = TamingModel(self.config).to(env.device)
+        trained = None if cfg.finetune_decoder is None else trained_first_stage(cfg.finetune_decoder)
+        self.config = ModelConfig(first_stage=AutoencoderConfig.from_dict(cfg.model) if trained is None else trained.config)
+        self.model = TamingModel(self.config)
         self.vq = self.model.first_stage_model
+        if trained is not None:
+            self.vq.load_state_dict(trained.state_dict())
+            for frozen in (self.vq.encoder, self.vq.quant_conv, self.vq.quantize):
+                frozen.requires_grad_(False)
+        self.model.to(env.device)
         self.loss = VQLPIPSWithDiscriminator(VQLossConfig(**cfg.loss)).to(env.device)
         self.discriminator = self.loss.discriminator
         broadcast_from_rank0(list(self.discriminator.state_dict().values()), env)  # DDP does this for vq_ddp
         self.vq_ddp = wrap_ddp(self.vq, env)
         lr = cfg.train.lr
         self.optimizers = {
-            "autoencoder": torch.optim.Adam(self.vq.parameters(), lr=lr, betas=(0.5, 0.9)),
+            "autoencoder": torch.optim.Adam([p for p in self.vq.parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.9)),
             "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)),
         }
         self.validation = source.validation(VALIDATION_IMAGES, cfg.train.image_size)
-        self.restarter = CodebookRestarter(self.vq.quantize, self.optimizers["autoencoder"], cfg.train.codebook_restart_every,
-                                           self.loss.config.disc_start, env)
+        restart_every = cfg.train.codebook_restart_every if cfg.finetune_decoder is None else 0
+        self.restarter = CodebookRestarter(self.vq.quantize, self.optimizers["autoencoder"], restart_every, self.loss.config.disc_start, env)
 
     def sample_batch(self, rng: np.random.Generator) -> Batch:
         return self.source.sample(rng, self.cfg.train.batch_size, self.cfg.train.image_size)
 
     def train_step(self, micro_batches: list[Batch], step: int) -> dict[str, float]:
         opt_ae, opt_d = self.optimizers["autoencoder"], self.optimizers["discriminator"]
+        if self.cfg.finetune_decoder is not None:
+            set_learning_rate(opt_ae, learning_rate(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps))
         accum = len(micro_batches)
         logs: dict[str, float] = {}
         reconstructions = []
