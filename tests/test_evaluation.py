@@ -226,6 +226,17 @@ def test_label_following_of_a_perfect_and_a_useless_generator(segmenter):
     assert [r["size"] for r in perfect["sizes"]] == [[128, 128], [256, 128]]
 
 
+def test_label_following_through_a_first_stage_scores_its_reconstructions(segmenter):
+    """An identity first stage reaches the real renders' score; one that outputs grey falls far below it."""
+    sizes = ((128, 128),)
+    lossless = ev.evaluate_label_following("fake", sizes, count=2, segmenter=segmenter, pipeline=FakePipeline(False),
+                                           reconstruct=lambda images: images)
+    grey = ev.evaluate_label_following("fake", sizes, count=2, segmenter=segmenter, pipeline=FakePipeline(False),
+                                       reconstruct=np.zeros_like)
+    assert lossless["sizes"][0]["reconstructed"] == lossless["sizes"][0]["real"]
+    assert grey["sizes"][0]["reconstructed"]["miou"] < 0.6 < grey["sizes"][0]["real"]["miou"]
+
+
 def test_run_eval_on_a_tiny_random_complete_checkpoint(tmp_path, segmenter):
     model = tiny_complete_checkpoint(tmp_path / "model")
     assert ev.supported(model) == (True, True)
@@ -236,7 +247,7 @@ def test_run_eval_on_a_tiny_random_complete_checkpoint(tmp_path, segmenter):
     rows = results["label_following"]["sizes"]
     assert [r["size"] for r in rows] == [[32, 32], [64, 32]] and results["label_following"]["backend"] == "torch"
     for row in rows:
-        for key in ("generated", "real"):
+        for key in ("generated", "real", "reconstructed"):  # the checkpoint has a first stage: its ceiling too
             assert 0 <= row[key]["pixel_accuracy"] <= 1 and row[key]["pixels"] == 2 * row["size"][0] * row["size"][1]
     assert len(list((tmp_path / "images").glob("*.png"))) == 4
     assert any("PSNR" in line for line in lines) and any(line.strip().startswith("64x32") for line in lines)

@@ -12,8 +12,10 @@ requested (width, height), the model generates one image per map through ``Pipel
 public API, sliding window and all), and the shipped segmenter (``training.evaluation.segmenter``)
 labels the generated pixels. Pixel accuracy and mIoU of those labels against the input maps measure
 how well the images follow their conditions. The same segmenter on the real renders of the same
-scenes gives the ceiling: the generated score can only be read relative to it. The k-th map is
-sampled with seed ``seed + k``.
+scenes gives the ceiling: the generated score can only be read relative to it. When the model has a
+first stage, the segmenter also labels its reconstructions of the real renders: the best a generated
+image can do through that decoder, which separates the first stage's share of the gap from the
+GPT's. The k-th map is sampled with seed ``seed + k``.
 
 :func:`run_eval` is what the CLI calls: it evaluates whatever the path supports and returns the lines
 of a printable table (and writes the full results as JSON on request).
@@ -166,7 +168,8 @@ def _save_example(directory: Path, size: tuple[int, int], k: int, labels: np.nda
 def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
                              count: int = 8, seed: int = 0, backend: str = "auto", mode: str = "exact",
                              top_k: int | None = 100, segmenter: Segmenter | None = None,
-                             save_dir: Path | None = None, progress: Progress = _quiet, pipeline=None) -> dict:
+                             save_dir: Path | None = None, progress: Progress = _quiet, pipeline=None,
+                             reconstruct: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Pixel accuracy and mIoU of the segmenter on generated images against their input label maps.
 
     ``sizes``: (width, height) pairs, multiples of the model's downsampling factor; for each, the label
@@ -174,7 +177,9 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
     "fast"). Returns {"model", "backend", ..., "sizes": [{"size", "generated", "real", timing}]} where
     "generated" and "real" are ``metrics.segmentation_scores`` dicts. ``pipeline``: an already loaded
     ``Pipeline`` (or anything with its ``spec``, ``backend.name`` and ``generate``) to use instead of
-    loading ``model_path`` with ``backend``.
+    loading ``model_path`` with ``backend``. ``reconstruct``: the model's first stage, images (B, 3, H, W)
+    in [-1, 1] -> reconstructions; when given, each size also reports "reconstructed", the segmenter's
+    scores on reconstructions of the real renders.
     """
     from taming_deploy.pipeline import Pipeline
 
@@ -198,6 +203,7 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
     for width, height in sizes:
         generated_cm = np.zeros((n_classes, n_classes), np.int64)
         real_cm = np.zeros((n_classes, n_classes), np.int64)
+        reconstructed_cm = np.zeros((n_classes, n_classes), np.int64)
         sample_seconds = decode_seconds = 0.0
         started = time.perf_counter()
         for k in range(count):
@@ -208,9 +214,14 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
             image = np.asarray(generation.images[0].convert("RGB"))
             if image.shape[:2] != scene.labels.shape:
                 raise UserError(f"the model generated a {image.shape[1]}x{image.shape[0]} image for a {width}x{height} map")
-            seen = segment(segmenter, uint8_to_model(np.stack([image, scene.image])))
+            inputs = uint8_to_model(np.stack([image, scene.image]))
+            if reconstruct is not None:
+                inputs = torch.cat([inputs, torch.from_numpy(reconstruct(inputs[1:].numpy()))])
+            seen = segment(segmenter, inputs)
             generated_cm += confusion_matrix(seen[0], scene.labels, n_classes)
             real_cm += confusion_matrix(seen[1], scene.labels, n_classes)
+            if reconstruct is not None:
+                reconstructed_cm += confusion_matrix(seen[2], scene.labels, n_classes)
             if save_dir is not None:
                 _save_example(Path(save_dir), (width, height), k, scene.labels, scene.image, image, seen[0], seen[1])
             progress(f"label following {width}x{height}: {k + 1}/{count} images, "
@@ -220,6 +231,7 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
             "count": count,
             "generated": segmentation_scores(generated_cm, segmenter.config.label_names),
             "real": segmentation_scores(real_cm, segmenter.config.label_names),
+            **({"reconstructed": segmentation_scores(reconstructed_cm, segmenter.config.label_names)} if reconstruct else {}),
             "sample_seconds_per_image": round(sample_seconds / count, 2),
             "decode_seconds_per_image": round(decode_seconds / count, 2),
             "seconds": round(time.perf_counter() - started, 2),
@@ -329,8 +341,10 @@ def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64,
             results["reconstruction"] = evaluate_reconstruction(path, recon_count, recon_size, backend=backend,
                                                                 progress=progress)
         if run_labels:
+            reconstruct = _reconstructor(path, backend)[0] if found.reconstruction else None
             results["label_following"] = evaluate_label_following(path, sizes, label_count, seed, backend, mode, top_k,
-                                                                  save_dir=save_dir, progress=progress)
+                                                                  save_dir=save_dir, progress=progress,
+                                                                  reconstruct=reconstruct)
     return results, format_table(results)
 
 
@@ -350,15 +364,17 @@ def format_table(results: dict) -> list[str]:
     if follow is not None:
         lines += [
             f"label following (held-out label maps, {follow['backend']}, mode {follow['mode']}, top-k {follow['top_k']}, "
-            f"seeds {follow['seed']}+k; segmenter on generated images vs. on the real renders; "
-            f"target mIoU >= {TARGETS['miou']:g})",
-            f"  {'size':>9}  {'maps':>4}  {'accuracy':>8}  {'mIoU':>6}  {'real acc':>8}  {'real mIoU':>9}  {'s/image':>7}",
+            f"seeds {follow['seed']}+k; segmenter on generated images vs. on the real renders and on the first "
+            f"stage's reconstructions of them; target mIoU >= {TARGETS['miou']:g})",
+            f"  {'size':>9}  {'maps':>4}  {'accuracy':>8}  {'mIoU':>6}  {'real acc':>8}  {'real mIoU':>9}  "
+            f"{'rec mIoU':>8}  {'s/image':>7}",
         ]
         for row in follow["sizes"]:
             g, r = row["generated"], row["real"]
+            rec_miou = f"{row['reconstructed']['miou']:8.4f}" if "reconstructed" in row else f"{'-':>8}"
             per_image = row["seconds"] / row["count"]
             lines.append(f"  {row['size'][0]:>4}x{row['size'][1]:<4}  {row['count']:>4}  {g['pixel_accuracy']:8.4f}  "
-                         f"{g['miou']:6.4f}  {r['pixel_accuracy']:8.4f}  {r['miou']:9.4f}  {per_image:7.1f}")
+                         f"{g['miou']:6.4f}  {r['pixel_accuracy']:8.4f}  {r['miou']:9.4f}  {rec_miou}  {per_image:7.1f}")
         worst = {}
         for row in follow["sizes"]:
             for name, iou in row["generated"]["per_class_iou"].items():
