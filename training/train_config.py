@@ -71,9 +71,10 @@ def load_train_config(path: Path, stage: str, overrides: dict | None = None) -> 
         raise UserError(f"cannot read training config {path}: {exc}") from None
     if doc.get("stage", stage) != stage:
         raise UserError(f"{path} is a config for stage {doc.get('stage')!r}, not {stage!r}")
-    if stage == "vqgan" and doc.get("finetune_decoder") and "model" in doc:
+    decoder_finetune = stage == "vqgan" and bool(doc.get("finetune_decoder"))
+    if decoder_finetune and "model" in doc:
         raise UserError(f"{path}: a decoder fine-tune takes its model from finetune_decoder; remove the model section")
-    if "model" not in doc and not (stage == "vqgan" and doc.get("finetune_decoder")):
+    if "model" not in doc and not decoder_finetune:
         raise UserError(f"{path}: no model section")
     loop = {**doc.get("train", {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
     config = TrainConfig(

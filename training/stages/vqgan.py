@@ -51,6 +51,7 @@ class VQGANStage:
         self.config = ModelConfig(first_stage=AutoencoderConfig.from_dict(cfg.model) if trained is None else trained.config)
         self.model = TamingModel(self.config)
         self.vq = self.model.first_stage_model
+        self.decoder_only = trained is not None
         if trained is not None:
             self.vq.load_state_dict(trained.state_dict())
             for frozen in (self.vq.encoder, self.vq.quant_conv, self.vq.quantize):
@@ -66,7 +67,7 @@ class VQGANStage:
             "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(0.5, 0.9)),
         }
         self.validation = source.validation(VALIDATION_IMAGES, cfg.train.image_size)
-        restart_every = cfg.train.codebook_restart_every if cfg.finetune_decoder is None else 0
+        restart_every = 0 if self.decoder_only else cfg.train.codebook_restart_every
         self.restarter = CodebookRestarter(self.vq.quantize, self.optimizers["autoencoder"], restart_every, self.loss.config.disc_start, env)
 
     def sample_batch(self, rng: np.random.Generator) -> Batch:
@@ -74,7 +75,7 @@ class VQGANStage:
 
     def train_step(self, micro_batches: list[Batch], step: int) -> dict[str, float]:
         opt_ae, opt_d = self.optimizers["autoencoder"], self.optimizers["discriminator"]
-        if self.cfg.finetune_decoder is not None:
+        if self.decoder_only:
             set_learning_rate(opt_ae, learning_rate(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps))
         accum = len(micro_batches)
         logs: dict[str, float] = {}
