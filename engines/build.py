@@ -146,9 +146,6 @@ def build_engines(
     """
     bundle_dir = Path(bundle_dir)
     check_options(precision, workspace_gib, opt_level)
-    trt = deps.tensorrt()
-    gpu = cuda.device_info()
-    environment = Environment(trt.__version__, gpu.name, gpu.compute_capability)
     bundle = Bundle(bundle_dir)
     limits = Limits((int(max_size[0]), int(max_size[1])), int(max_batch))
     limits.validate(bundle.spec)
@@ -158,6 +155,14 @@ def build_engines(
     if "transformer" in names and (reason := transformer_io_problem(bundle.graph("transformer", precision), bundle.spec)):
         # checked before any build: the runtime could not drive such an engine (a bundle of an older export)
         raise UserError(f"{bundle_dir}: {reason}; export the bundle again with this taming-deploy")
+    if int8_stored := [name for name in names if bundle.graph(name, precision).weight_storage != "float"]:
+        raise UserError(
+            f"{bundle_dir}: the {precision} {', '.join(int8_stored)} graphs store their weights as int8 (export "
+            "--int8-weights, for ONNX Runtime); build from the fp16 graphs or export without --int8-weights"
+        )
+    trt = deps.tensorrt()
+    gpu = cuda.device_info()
+    environment = Environment(trt.__version__, gpu.name, gpu.compute_capability)
     builder = _Builder(trt, reusable_timing_cache(bundle_dir, environment), precision, workspace_gib, opt_level)
     target = engines_dir(bundle_dir)
     entries: dict[str, EngineEntry] = {}

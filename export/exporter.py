@@ -1,7 +1,8 @@
 """`taming-deploy export`: checkpoint -> validated bundle, written atomically.
 
 Steps: export the fp32 graphs, make the fp16 variants from calibration data, write the manifest,
-then validate (onnx.checker, TensorRT op support, ORT vs torch, fp16 vs fp32). The bundle is built
+then validate (onnx.checker, TensorRT op support, ORT vs torch, fp16 vs fp32); with ``int8_weights``
+the fp32 graphs are then replaced by copies storing their weights as int8, validated against them. The bundle is built
 in a temporary directory and renamed into place only when every check passed, so an interrupted or
 failed export never leaves half a bundle and never damages an existing one.
 """
@@ -23,12 +24,14 @@ from export.fp16 import Fp16IoRangeError, to_mixed_precision
 from export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token_sequences
 from export.graphs import graph_defs, past_names
 from export.onnx_export import OPSET, export_graph
-from export.validate import Check, check_fp16, check_fp32, emulated_fp16_backend
+from export.int8_weights import int8_weight_storage
+from export.validate import FP16_LIMITS, INT8_WEIGHT_LIMITS, Check, check_fp32, check_variant, emulated_fp16_backend
 from taming_deploy.backends.ort_backend import OrtBackend
 from export.graph_files import graph_entry, write_manifest
 from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory
+from taming_deploy.model_paths import BUNDLE_MANIFEST
 from training.checkpoint import load_model, replace_decoder
 from training.models.net2net import TamingModel
 
@@ -106,6 +109,28 @@ def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
             echo("  ".join("-" * width for width in widths))
 
 
+def store_int8_weights(bundle_dir: Path, graphs: dict[str, dict[str, GraphFile]], manifest: Manifest, model: TamingModel, calib: CalibrationSet) -> list[Check]:
+    """Replace the bundle's fp32 graphs (and their ``graphs`` entries) by int8-weight copies; the
+    checks compare the copies with the fp32 graphs they replace."""
+    staging = bundle_dir / "int8_weights"
+    staging.mkdir()
+    staged: dict[str, dict[str, GraphFile]] = {}
+    for name, by_precision in graphs.items():
+        source = bundle_dir / by_precision["fp32"].file
+        stored, _ = int8_weight_storage(onnx.load(str(source)))
+        onnx.save_model(stored, str(staging / source.name))
+        staged[name] = {"fp32": graph_entry(staging / source.name, "fp32", weight_storage="int8")}
+    write_manifest(staging, Manifest(model=manifest.model, graphs=staged, producer=manifest.producer))
+    checks = [row for name, by_precision in staged.items() for row in structural_checks(staging / by_precision["fp32"].file, name, "int8 weights")]
+    checks += list(check_variant(model, OrtBackend(bundle_dir, "fp32"), OrtBackend(staging, "fp32"), "int8 weights", INT8_WEIGHT_LIMITS, calib, VALIDATION_STEPS))
+    for name, by_precision in staged.items():
+        (staging / by_precision["fp32"].file).replace(bundle_dir / by_precision["fp32"].file)
+        graphs[name]["fp32"] = by_precision["fp32"]
+    (staging / BUNDLE_MANIFEST).unlink()
+    staging.rmdir()
+    return checks
+
+
 def export_bundle(
     checkpoint_dir: Path,
     out_dir: Path,
@@ -114,8 +139,11 @@ def export_bundle(
     fp16: bool = True,
     echo: Callable[[str], None] = print,
     decoder: Path | None = None,
+    int8_weights: bool = False,
 ) -> Manifest:
-    """``decoder``: a decoder fine-tune of the checkpoint's first stage whose decoder replaces the checkpoint's."""
+    """``decoder``: a decoder fine-tune of the checkpoint's first stage whose decoder replaces the checkpoint's.
+    ``int8_weights``: store the fp32 graphs' large weights as int8 (about 4x smaller files; see
+    export/int8_weights.py); the fp16 graphs, which TensorRT builds from, keep theirs."""
     started = time.perf_counter()
     model = load_model(Path(checkpoint_dir))
     if decoder is not None:
@@ -149,7 +177,8 @@ def export_bundle(
             "opset": OPSET,
             "python": platform.python_version(),
         }
-        write_manifest(tmp, Manifest(model=spec, graphs=graphs, producer=producer, format_version=BUNDLE_VERSION))
+        unvalidated = Manifest(model=spec, graphs=graphs, producer=producer, format_version=BUNDLE_VERSION)
+        write_manifest(tmp, unvalidated)
         echo("validating ...")
         ort32 = OrtBackend(tmp, "fp32")
         rng = np.random.default_rng(1)
@@ -158,7 +187,10 @@ def export_bundle(
         if fp16:
             with tempfile.TemporaryDirectory() as workdir:
                 emulated = emulated_fp16_backend(tmp, Path(workdir))
-                checks += list(check_fp16(model, ort32, emulated, calib, VALIDATION_STEPS))
+                checks += list(check_variant(model, ort32, emulated, "fp16", FP16_LIMITS, calib, VALIDATION_STEPS))
+        if int8_weights:
+            echo("storing weights as int8 ...")
+            checks += store_int8_weights(tmp, graphs, unvalidated, model, calib)
         print_table(checks, echo)
         validation = {
             "calibration": {"source": calibration, "images": len(calib), "size": list(calib.images.shape[2:])},

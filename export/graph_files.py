@@ -29,9 +29,9 @@ def tensor_specs(values) -> tuple[TensorSpec, ...]:
     )
 
 
-def graph_entry(path: Path, precision: str) -> GraphFile:
+def graph_entry(path: Path, precision: str, weight_storage: str = "float") -> GraphFile:
     model = onnx.load(str(path), load_external_data=False)
-    return GraphFile(path.name, sha256_file(path), precision, tensor_specs(model.graph.input), tensor_specs(model.graph.output))
+    return GraphFile(path.name, sha256_file(path), precision, tensor_specs(model.graph.input), tensor_specs(model.graph.output), weight_storage)
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

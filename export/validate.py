@@ -1,4 +1,5 @@
-"""Numerical checks every export must pass: ONNX Runtime against PyTorch (fp32) and fp16 against fp32.
+"""Numerical checks every export must pass: ONNX Runtime against PyTorch (fp32), and each lower-precision
+variant (fp16 graphs, int8-stored weights) against the fp32 graphs.
 
 Each check yields a row (graph, precision, check, value, threshold, passed); the exporter prints
 them as a table, stores them in the manifest and fails when any row fails.
@@ -23,9 +24,23 @@ from training.models.net2net import TamingModel
 
 FP32_MAX_RELATIVE_ERROR = 1e-4
 FP32_MIN_INDEX_AGREEMENT = 0.999  # argmin over the codebook may flip at exact near-ties, nothing more
-FP16_MIN_DECODER_PSNR = 40.0
-FP16_MIN_TOP1_AGREEMENT = 0.99
-FP16_MIN_INDEX_AGREEMENT = 0.995
+
+
+@dataclass(frozen=True)
+class VariantLimits:
+    """How far a variant of the fp32 graphs may move their outputs on the calibration inputs."""
+
+    index_agreement: float  # encoder / condition encoder codes equal to fp32's
+    decoder_psnr: float  # dB against the fp32 decoder's image
+    top1_agreement: float  # transformer: greedy next token equal to fp32's
+    mean_kl: float  # transformer: mean KL(fp32 || variant) of the next-token distribution, nats
+
+
+FP16_LIMITS = VariantLimits(index_agreement=0.995, decoder_psnr=40.0, top1_agreement=0.99, mean_kl=1e-3)
+# Measured on the embedded default (calibration set): index agreement 0.996 (encoder) / 0.979 (condition
+# encoder), decoder 67 dB, greedy top-1 0.975, mean KL 7e-4 nats. Top-1 is the loose one: at
+# high-entropy positions near-tied logits swap order while the distribution barely moves (KL).
+INT8_WEIGHT_LIMITS = VariantLimits(index_agreement=0.95, decoder_psnr=40.0, top1_agreement=0.9, mean_kl=0.01)
 
 
 @dataclass(frozen=True)
@@ -111,19 +126,31 @@ def calibration_sequences(model: TamingModel, backend: OrtBackend, calib: Calibr
     return token_sequences(backend.spec, image_tokens, cond_tokens)
 
 
-def check_fp16(model: TamingModel, ort32: OrtBackend, ort16: OrtBackend, calib: CalibrationSet, steps: int) -> Iterator[Check]:
-    """fp16 graphs (``ort16``: their emulation) against the fp32 graphs on calibration inputs."""
-    yield Check("encoder", "fp16", "index agreement vs fp32", agreement(ort16.encode(calib.images), ort32.encode(calib.images)), FP16_MIN_INDEX_AGREEMENT, True)
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean KL(reference || other) in nats over all positions: what sampling from ``logits`` loses."""
+    p, q = log_softmax(reference_logits.astype(np.float64)), log_softmax(logits.astype(np.float64))
+    return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
+
+
+def check_variant(model: TamingModel, ort32: OrtBackend, variant: OrtBackend, label: str, limits: VariantLimits, calib: CalibrationSet, steps: int) -> Iterator[Check]:
+    """A variant of the fp32 graphs (fp16: their emulation; int8 weights) against them on calibration inputs."""
+    yield Check("encoder", label, "index agreement vs fp32", agreement(variant.encode(calib.images), ort32.encode(calib.images)), limits.index_agreement, True)
     tokens = ort32.encode(calib.images)
-    yield Check("decoder", "fp16", "PSNR vs fp32 (dB)", psnr(ort16.decode(tokens), ort32.decode(tokens)), FP16_MIN_DECODER_PSNR, True)
+    yield Check("decoder", label, "PSNR vs fp32 (dB)", psnr(variant.decode(tokens), ort32.decode(tokens)), limits.decoder_psnr, True)
     if calib.conditions is not None:
-        got, expected = ort16.condition_tokens(calib.conditions), ort32.condition_tokens(calib.conditions)
-        yield Check("cond_encoder", "fp16", "index agreement vs fp32", agreement(got, expected), FP16_MIN_INDEX_AGREEMENT, True)
+        got, expected = variant.condition_tokens(calib.conditions), ort32.condition_tokens(calib.conditions)
+        yield Check("cond_encoder", label, "index agreement vs fp32", agreement(got, expected), limits.index_agreement, True)
     sequences = calibration_sequences(model, ort32, calib)
     prefill = max(1, sequences.shape[1] - steps)
-    top1_16 = stepped_logits(ort16, sequences, prefill).argmax(-1)
-    top1_32 = stepped_logits(ort32, sequences, prefill).argmax(-1)
-    yield Check("transformer", "fp16", f"greedy top-1 agreement vs fp32 ({top1_32.size} positions)", agreement(top1_16, top1_32), FP16_MIN_TOP1_AGREEMENT, True)
+    logits, logits32 = stepped_logits(variant, sequences, prefill), stepped_logits(ort32, sequences, prefill)
+    positions = logits32.shape[0] * logits32.shape[1]
+    yield Check("transformer", label, f"greedy top-1 agreement vs fp32 ({positions} positions)", agreement(logits.argmax(-1), logits32.argmax(-1)), limits.top1_agreement, True)
+    yield Check("transformer", label, f"mean KL of next-token distribution vs fp32 ({positions} positions, nats)", mean_kl(logits32, logits), limits.mean_kl, False)
 
 
 def emulated_fp16_backend(bundle_dir: Path, workdir: Path) -> OrtBackend:

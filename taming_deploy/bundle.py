@@ -46,12 +46,14 @@ class GraphFile:
     precision: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    weight_storage: str = "float"  # "int8": large weights stored as int8 + scales (export --int8-weights)
 
     def to_dict(self) -> dict:
         return {
             "file": self.file,
             "sha256": self.sha256,
             "precision": self.precision,
+            "weight_storage": self.weight_storage,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
@@ -64,6 +66,7 @@ class GraphFile:
             precision=d["precision"],
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            weight_storage=d.get("weight_storage", "float"),
         )
 
 

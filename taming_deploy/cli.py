@@ -165,13 +165,14 @@ def export_command(
     calibration_count: Annotated[int, typer.Option(help="Calibration images")] = 8,
     fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="Also write fp16 graphs")] = True,
     decoder: Annotated[Optional[Path], typer.Option(help="Take the decoder from this VQGAN checkpoint (a decoder fine-tune of the model's first stage)")] = None,
+    int8_weights: Annotated[bool, typer.Option("--int8-weights", help="Store the fp32 graphs' weights as int8 (about 4x smaller, for ONNX Runtime; validated against fp32)")] = False,
 ) -> None:
     """Export a checkpoint to a bundle of validated ONNX graphs (fp32 and fp16)."""
     try:
         from export.exporter import export_bundle
     except ImportError as exc:
         raise UserError(f"export needs the export extra ({exc.name} is missing): pip install 'taming-deploy[export]'") from None
-    manifest = export_bundle(model, out, calibration=calibration, calibration_count=calibration_count, fp16=fp16, echo=typer.echo, decoder=decoder)
+    manifest = export_bundle(model, out, calibration=calibration, calibration_count=calibration_count, fp16=fp16, echo=typer.echo, decoder=decoder, int8_weights=int8_weights)
     typer.echo(f"wrote {out} ({', '.join(manifest.graphs)}; validation passed)")
 
 

@@ -55,7 +55,8 @@ def describe_bundle(path: Path) -> list[str]:
             io = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in entry.inputs) + " -> " + ", ".join(
                 f"{t.name}:{t.dtype}{list(t.shape)}" for t in entry.outputs
             )
-            lines.append(f"graph {name:<12} {precision}  {entry.file:<24} {size:8.1f} MB  {io}")
+            storage = " (int8 weights)" if entry.weight_storage == "int8" else ""
+            lines.append(f"graph {name:<12} {precision}  {entry.file:<24} {size:8.1f} MB{storage}  {io}")
     checks = m.validation.get("checks", [])
     if checks:
         failed = [c for c in checks if not c.get("passed")]
