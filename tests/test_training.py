@@ -143,7 +143,11 @@ def test_decoder_finetune_config_takes_its_model_from_the_checkpoint(tmp_path):
     with pytest.raises(UserError, match="remove the model section"):
         load_train_config(write_doc({**doc, "model": tiny_config("vqgan").model}, tmp_path / "both.yaml"), "vqgan")
     with pytest.raises(UserError, match="no model section"):
-        load_train_config(write_doc({**doc, "stage": "cond"}, tmp_path / "cond.yaml"), "cond")
+        load_train_config(write_doc({"stage": "vqgan", "train": {"steps": 5}}, tmp_path / "none.yaml"), "vqgan")
+    with pytest.raises(UserError, match="finetune_decoder not used by a cond config"):
+        load_train_config(write_doc({**doc, "stage": "cond", "model": tiny_config("cond").model}, tmp_path / "cond.yaml"), "cond")
+    with pytest.raises(UserError, match="modle not used by a vqgan config"):
+        load_train_config(write_doc({"stage": "vqgan", "modle": tiny_config("vqgan").model}, tmp_path / "typo.yaml"), "vqgan")
 
 
 def write_doc(doc: dict, path: Path) -> Path:

@@ -24,6 +24,7 @@ def tiny_config(stage: str, **loop) -> TrainConfig:
 
 
 def write_yaml(cfg: TrainConfig, path: Path) -> Path:
-    doc = {"stage": cfg.stage, "model": cfg.model, "loss": cfg.loss, "train": cfg.train.__dict__, "window": list(cfg.window)}
+    doc = {"stage": cfg.stage, "model": cfg.model, "train": cfg.train.__dict__}
+    doc.update({"window": list(cfg.window)} if cfg.stage == "transformer" else {"loss": cfg.loss})
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -20,6 +20,11 @@ import yaml
 from taming_deploy.errors import UserError
 
 STAGES = ("vqgan", "cond", "transformer")
+TOP_LEVEL_KEYS = {
+    "vqgan": {"stage", "model", "loss", "train", "finetune_decoder"},
+    "cond": {"stage", "model", "loss", "train"},
+    "transformer": {"stage", "model", "train", "first_stage", "cond_stage", "pkeep", "window"},
+}
 
 
 @dataclass
@@ -71,6 +76,8 @@ def load_train_config(path: Path, stage: str, overrides: dict | None = None) -> 
         raise UserError(f"cannot read training config {path}: {exc}") from None
     if doc.get("stage", stage) != stage:
         raise UserError(f"{path} is a config for stage {doc.get('stage')!r}, not {stage!r}")
+    if unknown := sorted(set(doc) - TOP_LEVEL_KEYS[stage]):
+        raise UserError(f"{path}: {', '.join(unknown)} not used by a {stage} config (it reads {', '.join(sorted(TOP_LEVEL_KEYS[stage]))})")
     decoder_finetune = stage == "vqgan" and bool(doc.get("finetune_decoder"))
     if decoder_finetune and "model" in doc:
         raise UserError(f"{path}: a decoder fine-tune takes its model from finetune_decoder; remove the model section")
