@@ -2,9 +2,9 @@
 
 Steps: export the fp32 graphs, make the fp16 variants from calibration data, write the manifest,
 then validate (onnx.checker, TensorRT op support, ORT vs torch, fp16 vs fp32); with ``int8_weights``
-the fp32 graphs are then replaced by copies storing their weights as int8, validated against them. The bundle is built
-in a temporary directory and renamed into place only when every check passed, so an interrupted or
-failed export never leaves half a bundle and never damages an existing one.
+the fp32 graphs are then replaced by copies storing their weights as int8, validated against them.
+The bundle is built in a temporary directory and renamed into place only when every check passed,
+so an interrupted or failed export never leaves half a bundle and never damages an existing one.
 """
 from __future__ import annotations
 
@@ -109,20 +109,20 @@ def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
             echo("  ".join("-" * width for width in widths))
 
 
-def store_int8_weights(bundle_dir: Path, graphs: dict[str, dict[str, GraphFile]], manifest: Manifest, model: TamingModel, calib: CalibrationSet) -> list[Check]:
-    """Replace the bundle's fp32 graphs (and their ``graphs`` entries) by int8-weight copies; the
-    checks compare the copies with the fp32 graphs they replace."""
+def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]], model: TamingModel, calib: CalibrationSet) -> list[Check]:
+    """Replace the fp32 graphs of ``ort32``'s bundle (and their ``graphs`` entries) by int8-weight
+    copies; the checks compare the copies with the fp32 graphs they replace."""
+    bundle_dir, manifest = ort32.bundle.path, ort32.bundle.manifest
     staging = bundle_dir / "int8_weights"
     staging.mkdir()
     staged: dict[str, dict[str, GraphFile]] = {}
     for name, by_precision in graphs.items():
         source = bundle_dir / by_precision["fp32"].file
-        stored, _ = int8_weight_storage(onnx.load(str(source)))
-        onnx.save_model(stored, str(staging / source.name))
+        onnx.save_model(int8_weight_storage(onnx.load(str(source))), str(staging / source.name))
         staged[name] = {"fp32": graph_entry(staging / source.name, "fp32", weight_storage="int8")}
     write_manifest(staging, Manifest(model=manifest.model, graphs=staged, producer=manifest.producer))
     checks = [row for name, by_precision in staged.items() for row in structural_checks(staging / by_precision["fp32"].file, name, "int8 weights")]
-    checks += list(check_variant(model, OrtBackend(bundle_dir, "fp32"), OrtBackend(staging, "fp32"), "int8 weights", INT8_WEIGHT_LIMITS, calib, VALIDATION_STEPS))
+    checks += list(check_variant(model, ort32, OrtBackend(staging, "fp32"), "int8 weights", INT8_WEIGHT_LIMITS, calib, VALIDATION_STEPS))
     for name, by_precision in staged.items():
         (staging / by_precision["fp32"].file).replace(bundle_dir / by_precision["fp32"].file)
         graphs[name]["fp32"] = by_precision["fp32"]
@@ -177,8 +177,7 @@ def export_bundle(
             "opset": OPSET,
             "python": platform.python_version(),
         }
-        unvalidated = Manifest(model=spec, graphs=graphs, producer=producer, format_version=BUNDLE_VERSION)
-        write_manifest(tmp, unvalidated)
+        write_manifest(tmp, Manifest(model=spec, graphs=graphs, producer=producer, format_version=BUNDLE_VERSION))
         echo("validating ...")
         ort32 = OrtBackend(tmp, "fp32")
         rng = np.random.default_rng(1)
@@ -190,7 +189,7 @@ def export_bundle(
                 checks += list(check_variant(model, ort32, emulated, "fp16", FP16_LIMITS, calib, VALIDATION_STEPS))
         if int8_weights:
             echo("storing weights as int8 ...")
-            checks += store_int8_weights(tmp, graphs, unvalidated, model, calib)
+            checks += store_int8_weights(ort32, graphs, model, calib)
         print_table(checks, echo)
         validation = {
             "calibration": {"source": calibration, "images": len(calib), "size": list(calib.images.shape[2:])},

@@ -51,8 +51,8 @@ def quantize_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.
     return values, scale
 
 
-def int8_weight_storage(model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` with its large weights stored as int8, and how many weights were converted."""
+def int8_weight_storage(model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS) -> onnx.ModelProto:
+    """A copy of ``model`` with its large weights stored as int8."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -77,4 +77,4 @@ def int8_weight_storage(model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(dequantize_nodes + nodes)  # before every reader: the node list stays topologically sorted
-    return out, len(dequantize_nodes)
+    return out
