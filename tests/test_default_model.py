@@ -25,6 +25,13 @@ def test_the_shipped_bundle_matches_its_manifest_and_describes_the_landscape_lab
     assert tuple(condition.label_names) == tuple(LABELS)
 
 
+def test_the_shipped_bundle_stores_int8_weights_and_stays_small():
+    bundle = Bundle(DEFAULT_MODEL)
+    graphs = [entry for by_precision in bundle.manifest.graphs.values() for entry in by_precision.values()]
+    assert all(entry.weight_storage == "int8" for entry in graphs)
+    assert sum((DEFAULT_MODEL / entry.file).stat().st_size for entry in graphs) < 15e6  # the package ships it
+
+
 def test_generate_without_a_model_uses_the_embedded_one(tmp_path):
     out = tmp_path / "out.png"
     proc = run_cli("generate", "--cond", str(EXAMPLES / "landscape_01.png"), "--size", "128x128", "--seed", "0",
