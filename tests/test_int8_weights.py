@@ -134,3 +134,21 @@ def test_int8_bundle_generates_and_tensorrt_build_refuses_its_int8_graphs(int8_b
     assert generation.images[0].size == (16, 16) and generation.tokens.shape == (1, 4, 4)
     with pytest.raises(UserError, match="int8.*build from the fp16 graphs"):
         build_engines(int8_bundle, precision="fp32", max_size=(32, 32), max_batch=1)
+
+
+def test_int8_weights_that_move_the_outputs_fail_the_export_and_write_nothing(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
+    import export.exporter
+
+    def off_by_half(model: onnx.ModelProto) -> onnx.ModelProto:
+        """The real conversion with every scale 1.5x too large: weights 50% off."""
+        stored = int8_weight_storage(model)
+        for init in stored.graph.initializer:
+            if init.name.endswith(".scale"):
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+        return stored
+
+    monkeypatch.setattr(export.exporter, "int8_weight_storage", off_by_half)
+    out = tmp_path / "bundle"
+    with pytest.raises(UserError, match=r"export failed validation.*int8 weights"):
+        export_bundle(tiny_checkpoint, out, calibration_count=4, fp16=False, int8_weights=True, echo=lambda line: None)
+    assert not out.exists()
