@@ -147,3 +147,13 @@ def test_info_describes_bundle(fixture_bundle):
     assert "segmentation, 7 labels" in proc.stdout and "transformer.fp16.onnx" in proc.stdout
     passed = re.search(r"(\d+)/(\d+) checks passed", proc.stdout)
     assert passed and passed.group(1) == passed.group(2)
+
+
+def test_mean_kl_is_the_kl_of_the_softmaxes_by_hand():
+    from export.validate import mean_kl
+
+    reference = np.array([[[0.0, 0.0]], [[5.0, 5.0]]])  # both positions: p = (1/2, 1/2), whatever the offset
+    other = np.array([[[np.log(3.0), 0.0]], [[np.log(3.0) - 2, -2.0]]])  # q = (3/4, 1/4)
+    by_hand = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)
+    assert mean_kl(reference, other) == pytest.approx(by_hand, rel=1e-12)
+    assert mean_kl(reference, reference) == 0.0 and mean_kl(other, reference) != pytest.approx(by_hand)  # not symmetric
