@@ -10,9 +10,10 @@ original.
 Why per output channel: one output channel's weights share a magnitude; one scale per channel keeps
 the rounding error of a channel proportional to that channel's own weights.
 
-Computation stays fp32: ONNX Runtime either folds each DequantizeLinear into fp32 weights or, for
-MatMul (1.32, CPU), runs them as its 8-bit weight-only kernel (MatMulNBits), which was faster than the
-fp32 MatMul on the default model's transformer. How far the outputs move is measured by the export's
+Computation stays fp32. ONNX Runtime 1.32 on CPU fuses DequantizeLinear + MatMul into its 8-bit
+weight-only kernel (MatMulNBits): faster than the fp32 MatMul for one-token steps, slower for long
+prefills; the DequantizeLinear of Conv and embedding weights runs at every call
+(benchmarks/bundle_compare.py measures both). How far the outputs move is measured by the export's
 int8 validation rows (export/validate.py), not assumed.
 """
 from __future__ import annotations
