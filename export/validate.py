@@ -36,6 +36,7 @@ class VariantLimits:
     mean_kl: float  # transformer: mean KL(fp32 || variant) of the next-token distribution, nats
 
 
+# fp16 on the embedded default: index agreement 0.998, decoder 81 dB, top-1 0.995, mean KL 3.1e-5 nats.
 FP16_LIMITS = VariantLimits(index_agreement=0.995, decoder_psnr=40.0, top1_agreement=0.99, mean_kl=1e-3)
 # Measured on the embedded default (calibration set): index agreement 0.996 (encoder) / 0.979 (condition
 # encoder), decoder 67 dB, greedy top-1 0.975, mean KL 7e-4 nats. Top-1 is the loose one: at
