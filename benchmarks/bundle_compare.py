@@ -20,19 +20,18 @@ import numpy as np
 
 from benchlib import print_table, timed
 from taming_deploy.backends.ort_backend import OrtBackend
+from taming_deploy.bundle import GRAPH_NAMES
 from taming_deploy.pipeline import Pipeline
-
-GRAPHS = ("encoder", "decoder", "cond_encoder", "transformer")
 
 
 def bundle_megabytes(backend: OrtBackend) -> float:
-    return sum(backend.bundle.graph_path(name).stat().st_size for name in GRAPHS if backend.bundle.has_graph(name)) / 1e6
+    return sum(backend.bundle.graph_path(name).stat().st_size for name in GRAPH_NAMES if backend.bundle.has_graph(name)) / 1e6
 
 
 def open_seconds(path: Path, threads: int) -> float:
     started = time.perf_counter()
     backend = OrtBackend(path, threads=threads)
-    for name in GRAPHS:
+    for name in GRAPH_NAMES:
         if backend.bundle.has_graph(name):
             backend.session(name)
     return time.perf_counter() - started
@@ -89,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             row.append(f"{value * 1e3 if name.endswith('ms') else value:.3g} ({seconds[0][name] / value:.2f}x)")
         rows.append(row)
     print_table(rows, ["bundle", "MB", *seconds[0]])
+
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ from export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token
 from export.graphs import graph_defs, past_names
 from export.onnx_export import OPSET, export_graph
 from export.int8_weights import int8_weight_storage
-from export.validate import FP16_LIMITS, INT8_WEIGHT_LIMITS, Check, check_fp32, check_variant, emulated_fp16_backend
+from export.validate import FP16_LIMITS, INT8_WEIGHT_LIMITS, Check, check_fp32, check_variant, emulated_fp16_backend, transformed_bundle
 from taming_deploy.backends.ort_backend import OrtBackend
 from export.graph_files import graph_entry, write_manifest
 from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest
@@ -112,20 +112,16 @@ def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
 def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]], model: TamingModel, calib: CalibrationSet) -> list[Check]:
     """Replace the fp32 graphs of ``ort32``'s bundle (and their ``graphs`` entries) by int8-weight
     copies; the checks compare the copies with the fp32 graphs they replace."""
-    bundle_dir, manifest = ort32.bundle.path, ort32.bundle.manifest
+    bundle_dir = ort32.bundle.path
     staging = bundle_dir / "int8_weights"
     staging.mkdir()
-    staged: dict[str, dict[str, GraphFile]] = {}
-    for name, by_precision in graphs.items():
-        source = bundle_dir / by_precision["fp32"].file
-        onnx.save_model(int8_weight_storage(onnx.load(str(source))), str(staging / source.name))
-        staged[name] = {"fp32": graph_entry(staging / source.name, "fp32", weight_storage="int8")}
-    write_manifest(staging, Manifest(model=manifest.model, graphs=staged, producer=manifest.producer))
-    checks = [row for name, by_precision in staged.items() for row in structural_checks(staging / by_precision["fp32"].file, name, "int8 weights")]
-    checks += list(check_variant(model, ort32, OrtBackend(staging, "fp32"), "int8 weights", INT8_WEIGHT_LIMITS, calib, VALIDATION_STEPS))
-    for name, by_precision in staged.items():
-        (staging / by_precision["fp32"].file).replace(bundle_dir / by_precision["fp32"].file)
-        graphs[name]["fp32"] = by_precision["fp32"]
+    stored = transformed_bundle(bundle_dir, "fp32", int8_weight_storage, staging, weight_storage="int8")
+    entries = {name: by_precision["fp32"] for name, by_precision in stored.bundle.manifest.graphs.items()}
+    checks = [row for name, entry in entries.items() for row in structural_checks(staging / entry.file, name, "int8 weights")]
+    checks += list(check_variant(model, ort32, stored, "int8 weights", INT8_WEIGHT_LIMITS, calib, VALIDATION_STEPS))
+    for name, entry in entries.items():
+        (staging / entry.file).replace(bundle_dir / entry.file)
+        graphs[name]["fp32"] = entry
     (staging / BUNDLE_MANIFEST).unlink()
     staging.rmdir()
     return checks

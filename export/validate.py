@@ -6,7 +6,7 @@ them as a table, stores them in the manifest and fails when any row fails.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from pathlib import Path
@@ -140,8 +140,8 @@ def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
 
 def check_variant(model: TamingModel, ort32: OrtBackend, variant: OrtBackend, label: str, limits: VariantLimits, calib: CalibrationSet, steps: int) -> Iterator[Check]:
     """A variant of the fp32 graphs (fp16: their emulation; int8 weights) against them on calibration inputs."""
-    yield Check("encoder", label, "index agreement vs fp32", agreement(variant.encode(calib.images), ort32.encode(calib.images)), limits.index_agreement, True)
     tokens = ort32.encode(calib.images)
+    yield Check("encoder", label, "index agreement vs fp32", agreement(variant.encode(calib.images), tokens), limits.index_agreement, True)
     yield Check("decoder", label, "PSNR vs fp32 (dB)", psnr(variant.decode(tokens), ort32.decode(tokens)), limits.decoder_psnr, True)
     if calib.conditions is not None:
         got, expected = variant.condition_tokens(calib.conditions), ort32.condition_tokens(calib.conditions)
@@ -154,18 +154,24 @@ def check_variant(model: TamingModel, ort32: OrtBackend, variant: OrtBackend, la
     yield Check("transformer", label, f"mean KL of next-token distribution vs fp32 ({positions} positions, nats)", mean_kl(logits32, logits), limits.mean_kl, False)
 
 
+def transformed_bundle(bundle_dir: Path, precision: str, transform: Callable[[onnx.ModelProto], onnx.ModelProto], workdir: Path,
+                       weight_storage: str = "float") -> OrtBackend:
+    """The bundle's ``precision`` graphs passed through ``transform``, as a bundle in ``workdir``."""
+    manifest = Bundle(bundle_dir).manifest
+    graphs = {}
+    for name, by_precision in manifest.graphs.items():
+        source = Path(bundle_dir) / by_precision[precision].file
+        target = Path(workdir) / source.name
+        onnx.save_model(transform(onnx.load(str(source))), str(target))
+        graphs[name] = {precision: graph_entry(target, precision, weight_storage)}
+    write_manifest(workdir, Manifest(model=manifest.model, graphs=graphs, producer=manifest.producer))
+    return OrtBackend(workdir, precision)
+
+
 def emulated_fp16_backend(bundle_dir: Path, workdir: Path) -> OrtBackend:
     """The bundle's fp16 graphs with fp16 storage rounding made explicit, as a bundle in ``workdir``.
 
     ONNX Runtime's CPU kernels run most fp16 ops in fp32 without rounding between them, which would
     hide fp16 overflow and error; the emulation (export/fp16.py) is what fp16 is judged by here.
     """
-    manifest = Bundle(bundle_dir).manifest
-    graphs = {}
-    for name, by_precision in manifest.graphs.items():
-        source = Path(bundle_dir) / by_precision["fp16"].file
-        target = Path(workdir) / source.name
-        onnx.save_model(fp16_storage_emulation(onnx.load(str(source))), str(target))
-        graphs[name] = {"fp16": graph_entry(target, "fp16")}
-    write_manifest(workdir, Manifest(model=manifest.model, graphs=graphs, producer=manifest.producer))
-    return OrtBackend(workdir, "fp16")
+    return transformed_bundle(bundle_dir, "fp16", fp16_storage_emulation, workdir)
