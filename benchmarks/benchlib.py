@@ -42,9 +42,9 @@ class ModelPaths:
 def default_size_config():
     """The embedded default model's config (training/configs/default_*.yaml), stages as trained."""
     from taming_deploy.spec import ConditionSpec
-    from training.config import ModelConfig
-    from training.models.gpt import GPTConfig
-    from training.models.vqgan import AutoencoderConfig
+    from taming_deploy.training.config import ModelConfig
+    from taming_deploy.training.models.gpt import GPTConfig
+    from taming_deploy.training.models.vqgan import AutoencoderConfig
 
     def model_section(name: str) -> dict:
         return yaml.safe_load((CONFIG_DIR / f"default_{name}.yaml").read_text())["model"]
@@ -59,8 +59,8 @@ def default_size_config():
 def make_default_checkpoint(out: Path, seed: int = 0) -> None:
     import torch
 
-    from training.checkpoint import save_checkpoint
-    from training.models.net2net import TamingModel
+    from taming_deploy.training.checkpoint import save_checkpoint
+    from taming_deploy.training.models.net2net import TamingModel
 
     torch.manual_seed(seed)
     config = default_size_config()
@@ -68,13 +68,13 @@ def make_default_checkpoint(out: Path, seed: int = 0) -> None:
 
 
 def import_fixture(out: Path) -> None:
-    from training.import_taming import import_taming
+    from taming_deploy.training.import_taming import import_taming
 
     import_taming(FIXTURE_DIR / "last.ckpt", FIXTURE_DIR / "project.yaml", out)
 
 
 def export_fp32(checkpoint: Path, out: Path) -> None:
-    from export.exporter import export_bundle
+    from taming_deploy.export.exporter import export_bundle
 
     export_bundle(checkpoint, out, fp16=False, echo=lambda line: None)
 

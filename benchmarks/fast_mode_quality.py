@@ -81,7 +81,7 @@ def condition_labels(spec: ModelSpec, fixture: bool, labels_file: Path | None, l
         with np.load(FIXTURE_DIR / "expected.npz") as data:
             ids = data["labels"].astype(np.int64)
         return np.repeat(ids[None], count, axis=0), f"the fixture's label map expected.npz 'labels' (x{count})"
-    from training.data.synthetic_landscapes import LABELS, render_scene
+    from taming_deploy.training.data.synthetic_landscapes import LABELS, render_scene
 
     if spec.condition.kind != "segmentation" or spec.condition.n_labels != len(LABELS):
         raise SystemExit("this model does not take the synthetic landscapes' labels: pass --labels FILE")

@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
     args = parser.parse_args(argv)
 
-    from engines import cuda
-    from engines.roofline import decode_step_bound, embedding_weight_count, peak_bandwidth, streamed_weight_count
-    from engines.runtime import load_trt_backend
+    from taming_deploy.engines import cuda
+    from taming_deploy.engines.roofline import decode_step_bound, embedding_weight_count, peak_bandwidth, streamed_weight_count
+    from taming_deploy.engines.runtime import load_trt_backend
     from taming_deploy.errors import UserError
     from taming_deploy.sampler import sample_tokens
     from taming_deploy.sampling import SamplingOptions

@@ -110,9 +110,9 @@ def prefill_module(gpt):
 def export_prefill_graph(checkpoint: Path, path: Path) -> None:
     import torch
 
-    from export.graphs import GraphDef
-    from export.onnx_export import export_graph
-    from training.checkpoint import load_model
+    from taming_deploy.export.graphs import GraphDef
+    from taming_deploy.export.onnx_export import export_graph
+    from taming_deploy.training.checkpoint import load_model
 
     model = load_model(checkpoint)
     spec = model.config.spec()

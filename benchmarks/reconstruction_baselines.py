@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from benchlib import print_table, set_threads
-from training.data.sources import SyntheticLandscapes
-from training.evaluation.evaluate import TARGETS, evaluate_reconstruction
-from training.evaluation.metrics import lpips_per_image, psnr_per_image
-from training.losses.lpips import load_lpips
+from taming_deploy.training.data.sources import SyntheticLandscapes
+from taming_deploy.training.evaluation.evaluate import TARGETS, evaluate_reconstruction
+from taming_deploy.training.evaluation.metrics import lpips_per_image, psnr_per_image
+from taming_deploy.training.losses.lpips import load_lpips
 
 
 def resampled(images: torch.Tensor, factor: int, mode: str) -> torch.Tensor:

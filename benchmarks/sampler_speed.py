@@ -90,7 +90,7 @@ def original_token(gpt, cond: np.ndarray, image: np.ndarray, cell: tuple[int, in
 
 
 def run_original_full(gpt, cond: np.ndarray, latent: tuple[int, int], spec: ModelSpec) -> tuple[np.ndarray, float]:
-    from training.reference_sampler import reference_greedy
+    from taming_deploy.training.reference_sampler import reference_greedy
 
     return timed(lambda: reference_greedy(gpt, cond, latent, spec.window, spec.image_codebook_size))
 
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = OrtBackend(model.bundle).spec
     gpt = None
     if "original" in modes and model.checkpoint is not None:
-        from training.checkpoint import load_model
+        from taming_deploy.training.checkpoint import load_model
 
         gpt = load_model(model.checkpoint).transformer
     peaks = {"torch": matmul_peak.measured_gflops("torch", repeat=args.peak_repeat, threads=args.threads),

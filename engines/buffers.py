@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.profiles import Shape, past_names
+from taming_deploy.engines.profiles import Shape, past_names
 from taming_deploy.spec import ModelSpec
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from engines import cuda, deps
-from engines.engine_manifest import (
+from taming_deploy.engines import cuda, deps
+from taming_deploy.engines.engine_manifest import (
     ENGINES_MANIFEST,
     TIMING_CACHE,
     EngineEntry,
@@ -29,7 +29,7 @@ from engines.engine_manifest import (
     read_engine_manifest,
     required_graphs,
 )
-from engines.profiles import Limits, Profile, graph_profiles, transformer_io_problem
+from taming_deploy.engines.profiles import Limits, Profile, graph_profiles, transformer_io_problem
 from taming_deploy.bundle import PRECISIONS, Bundle
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines import deps
+from taming_deploy.engines import deps
 from taming_deploy.errors import UserError
 
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.profiles import Profile
+from taming_deploy.engines.profiles import Profile
 from taming_deploy.bundle import GraphFile, Manifest
 from taming_deploy.errors import UserError
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.buffers import cache_bytes, new_kv_bytes
+from taming_deploy.engines.buffers import cache_bytes, new_kv_bytes
 from taming_deploy.spec import ModelSpec
 
 

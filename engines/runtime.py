@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from engines import cuda, deps
-from engines.buffers import past_offsets, scatter_new_kv, step_buffers
-from engines.engine_manifest import EngineEntry, Environment, engines_dir, incompatibility, io_mismatch, read_engine_manifest
-from engines.profiles import Profile, past_names, transformer_io_problem, transformer_profile_index, transformer_shapes
+from taming_deploy.engines import cuda, deps
+from taming_deploy.engines.buffers import past_offsets, scatter_new_kv, step_buffers
+from taming_deploy.engines.engine_manifest import EngineEntry, Environment, engines_dir, incompatibility, io_mismatch, read_engine_manifest
+from taming_deploy.engines.profiles import Profile, past_names, transformer_io_problem, transformer_profile_index, transformer_shapes
 from taming_deploy.bundle import Bundle
 from taming_deploy.errors import UserError
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.data.sources import VALIDATION_SEED_BASE
-from training.data.synthetic_landscapes import PALETTE, colorize, render_scene
+from taming_deploy.training.data.sources import VALIDATION_SEED_BASE
+from taming_deploy.training.data.synthetic_landscapes import PALETTE, colorize, render_scene
 
 EXAMPLES = {  # name: (seed offset, width, height)
     "landscape_01.png": (19, 256, 256),

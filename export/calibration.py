@@ -39,7 +39,7 @@ def depth_from_layout(labels: np.ndarray) -> np.ndarray:
 
 
 def synthetic_set(spec: ModelSpec, count: int, size: tuple[int, int], seed: int) -> CalibrationSet:
-    from training.data.synthetic_landscapes import render_scene
+    from taming_deploy.training.data.synthetic_landscapes import render_scene
 
     scenes = [render_scene(seed + k, size[1], size[0]) for k in range(count)]
     images = np.concatenate([from_pil(Image.fromarray(s.image)) for s in scenes])

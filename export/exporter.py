@@ -19,21 +19,21 @@ import onnx
 import torch
 
 import taming_deploy
-from engines.onnx_support import unsupported_ops
-from export.fp16 import Fp16IoRangeError, to_mixed_precision
-from export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token_sequences
-from export.graphs import graph_defs, past_names
-from export.onnx_export import OPSET, export_graph
-from export.int8_weights import int8_weight_storage
-from export.validate import FP16_LIMITS, INT8_WEIGHT_LIMITS, Check, check_fp32, check_variant, emulated_fp16_backend, transformed_bundle
+from taming_deploy.engines.onnx_support import unsupported_ops
+from taming_deploy.export.fp16 import Fp16IoRangeError, to_mixed_precision
+from taming_deploy.export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token_sequences
+from taming_deploy.export.graphs import graph_defs, past_names
+from taming_deploy.export.onnx_export import OPSET, export_graph
+from taming_deploy.export.int8_weights import int8_weight_storage
+from taming_deploy.export.validate import FP16_LIMITS, INT8_WEIGHT_LIMITS, Check, check_fp32, check_variant, emulated_fp16_backend, transformed_bundle
 from taming_deploy.backends.ort_backend import OrtBackend
-from export.graph_files import graph_entry, write_manifest
+from taming_deploy.export.graph_files import graph_entry, write_manifest
 from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory
 from taming_deploy.model_paths import BUNDLE_MANIFEST
-from training.checkpoint import load_model, replace_decoder
-from training.models.net2net import TamingModel
+from taming_deploy.training.checkpoint import load_model, replace_decoder
+from taming_deploy.training.models.net2net import TamingModel
 
 VALIDATION_STEPS = 48  # single cached steps checked per sequence after the prefill
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.models.gpt import GPT
-from training.models.net2net import TamingModel
-from training.models.quantizer import nearest_code
-from training.models.vqgan import VQModel
+from taming_deploy.training.models.gpt import GPT
+from taming_deploy.training.models.net2net import TamingModel
+from taming_deploy.training.models.quantizer import nearest_code
+from taming_deploy.training.models.vqgan import VQModel
 
 
 class EncoderGraph(nn.Module):

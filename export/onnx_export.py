@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.graphs import GraphDef
+from taming_deploy.export.graphs import GraphDef
 
 OPSET = 21
 

@@ -15,12 +15,12 @@ import numpy as np
 import onnx
 import torch
 
-from export.calibration import CalibrationSet, token_sequences
-from export.fp16 import fp16_storage_emulation
-from export.graph_files import graph_entry, write_manifest
+from taming_deploy.export.calibration import CalibrationSet, token_sequences
+from taming_deploy.export.fp16 import fp16_storage_emulation
+from taming_deploy.export.graph_files import graph_entry, write_manifest
 from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.bundle import Bundle, Manifest
-from training.models.net2net import TamingModel
+from taming_deploy.training.models.net2net import TamingModel
 
 FP32_MAX_RELATIVE_ERROR = 1e-4
 FP32_MIN_INDEX_AGREEMENT = 0.999  # argmin over the codebook may flip at exact near-ties, nothing more

@@ -71,7 +71,7 @@ def import_taming_command(
 ) -> None:
     """Convert a checkpoint of the original Taming Transformers into this project's format."""
     try:
-        from training.import_taming import import_taming
+        from taming_deploy.training.import_taming import import_taming
     except ImportError:
         raise UserError("import-taming needs PyTorch: pip install 'taming-deploy[train]'") from None
     cfg = import_taming(ckpt, config, out, trust_pickle=trust_pickle)
@@ -169,7 +169,7 @@ def export_command(
 ) -> None:
     """Export a checkpoint to a bundle of validated ONNX graphs (fp32 and fp16)."""
     try:
-        from export.exporter import export_bundle
+        from taming_deploy.export.exporter import export_bundle
     except ImportError as exc:
         raise UserError(f"export needs the export extra ({exc.name} is missing): pip install 'taming-deploy[export]'") from None
     manifest = export_bundle(model, out, calibration=calibration, calibration_count=calibration_count, fp16=fp16, echo=typer.echo, decoder=decoder, int8_weights=int8_weights)
@@ -203,8 +203,8 @@ def train(
     if stage not in ("vqgan", "cond", "transformer"):
         raise UserError(f"stage must be vqgan, cond or transformer, got {stage!r}")
     try:
-        from training.train import train as run
-        from training.train_config import load_train_config
+        from taming_deploy.training.train import train as run
+        from taming_deploy.training.train_config import load_train_config
     except ImportError as exc:
         raise UserError(f"training needs the train extra ({exc.name} is missing): pip install 'taming-deploy[train]'") from None
     cfg = load_train_config(config, stage, {"steps": steps, "batch_size": batch_size})
@@ -225,7 +225,7 @@ def build(
     opt_level: Annotated[int, typer.Option(help="TensorRT builder optimisation level (0-5)")] = 3,
 ) -> None:
     """Build TensorRT engines for this machine's GPU from a bundle (kept in BUNDLE/engines)."""
-    from engines import build_engines
+    from taming_deploy.engines import build_engines
 
     if precision not in ("fp16", "fp32"):
         raise UserError(f"--precision must be fp16 or fp32, got {precision!r}")
@@ -255,7 +255,7 @@ def eval_command(
 ) -> None:
     """Reconstruction PSNR/LPIPS on held-out scenes and label-following accuracy/mIoU of generated images."""
     try:
-        from training.evaluation.evaluate import run_eval
+        from taming_deploy.training.evaluation.evaluate import run_eval
     except ImportError:
         raise UserError("taming-deploy eval needs PyTorch: pip install 'taming-deploy[train]'") from None
     lines = run_eval(model, what, recon_count=count, recon_size=size, label_count=label_count, sizes=sizes, seed=seed,

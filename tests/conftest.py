@@ -26,7 +26,7 @@ def expected() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def imported_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference checkpoint converted to this project's format once per test session."""
-    from training.import_taming import import_taming
+    from taming_deploy.training.import_taming import import_taming
 
     out = tmp_path_factory.mktemp("imported") / "checkpoint"
     import_taming(REFERENCE_DIR / "last.ckpt", REFERENCE_DIR / "project.yaml", out)
@@ -35,7 +35,7 @@ def imported_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_model(imported_checkpoint: Path):
-    from training.checkpoint import load_model
+    from taming_deploy.training.checkpoint import load_model
 
     return load_model(imported_checkpoint)
 
@@ -53,7 +53,7 @@ def label_png(tmp_path_factory: pytest.TempPathFactory, expected: dict[str, np.n
 @pytest.fixture(scope="session")
 def fixture_bundle(tmp_path_factory: pytest.TempPathFactory, imported_checkpoint: Path) -> Path:
     """The reference checkpoint exported (fp32 + fp16, validated) once per test session."""
-    from export.exporter import export_bundle
+    from taming_deploy.export.exporter import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     export_bundle(imported_checkpoint, out, calibration_count=4, echo=lambda line: None)
@@ -64,10 +64,10 @@ def tiny_model_config(kind: str = "segmentation"):
     """A complete model small enough to export and sample in seconds: f=4, 8 landscape labels with
     their palette (segmentation), or an unconditional model."""
     from taming_deploy.spec import ConditionSpec
-    from training.config import ModelConfig
-    from training.data.synthetic_landscapes import LABELS, PALETTE
-    from training.models.gpt import GPTConfig
-    from training.models.vqgan import AutoencoderConfig
+    from taming_deploy.training.config import ModelConfig
+    from taming_deploy.training.data.synthetic_landscapes import LABELS, PALETTE
+    from taming_deploy.training.models.gpt import GPTConfig
+    from taming_deploy.training.models.vqgan import AutoencoderConfig
 
     autoencoder = AutoencoderConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(), in_channels=3,
                                     out_ch=3, resolution=32, z_channels=8, embed_dim=8, n_embed=32)
@@ -83,8 +83,8 @@ def tiny_model_config(kind: str = "segmentation"):
 def save_tiny_model(path: Path, kind: str = "segmentation") -> Path:
     import torch
 
-    from training.checkpoint import save_checkpoint
-    from training.models.net2net import TamingModel
+    from taming_deploy.training.checkpoint import save_checkpoint
+    from taming_deploy.training.models.net2net import TamingModel
 
     torch.manual_seed(0)
     config = tiny_model_config(kind)

@@ -13,10 +13,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from training_fixtures import tiny_config  # noqa: E402
 
-from training import distributed  # noqa: E402
-from training.data.sources import SyntheticLandscapes  # noqa: E402
-from training.stages.cond import ConditionStage  # noqa: E402
-from training.stages.vqgan import VQGANStage  # noqa: E402
+from taming_deploy.training import distributed  # noqa: E402
+from taming_deploy.training.data.sources import SyntheticLandscapes  # noqa: E402
+from taming_deploy.training.stages.cond import ConditionStage  # noqa: E402
+from taming_deploy.training.stages.vqgan import VQGANStage  # noqa: E402
 
 
 def checksums(state: dict[str, torch.Tensor]) -> dict[str, float]:

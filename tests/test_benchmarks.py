@@ -23,7 +23,7 @@ from taming_deploy.backends.torch_backend import TorchBackend  # noqa: E402
 from taming_deploy.sampler import sample_tokens  # noqa: E402
 from taming_deploy.sampling import SamplingOptions  # noqa: E402
 from taming_deploy.spec import ConditionSpec, ModelSpec  # noqa: E402
-from training.reference_sampler import reference_greedy  # noqa: E402
+from taming_deploy.training.reference_sampler import reference_greedy  # noqa: E402
 
 GREEDY = SamplingOptions(greedy=True)
 

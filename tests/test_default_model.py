@@ -12,7 +12,7 @@ from helpers import run_cli
 from taming_deploy.bundle import Bundle
 from taming_deploy.model_paths import DEFAULT_MODEL
 from taming_deploy.pipeline import Pipeline
-from training.data.synthetic_landscapes import LABELS
+from taming_deploy.training.data.synthetic_landscapes import LABELS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -49,8 +49,8 @@ def test_the_default_model_follows_the_example_label_maps():
     that map better than with the other examples' maps: the layout comes from the condition."""
     import torch
 
-    from training.evaluation.metrics import confusion_matrix, pixel_accuracy
-    from training.evaluation.segmenter import load_segmenter, segment, uint8_to_model
+    from taming_deploy.training.evaluation.metrics import confusion_matrix, pixel_accuracy
+    from taming_deploy.training.evaluation.segmenter import load_segmenter, segment, uint8_to_model
 
     torch.set_num_threads(1)
     maps = [np.asarray(Image.open(EXAMPLES / f"landscape_0{k}.png")) for k in (1, 2, 3)]

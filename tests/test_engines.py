@@ -15,10 +15,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from engines import deps, onnx_support
-from engines.buffers import Copy2D, cache_bytes, new_kv_bytes, past_offsets, scatter_new_kv, step_buffers, tensor_bytes
-from engines.build import build_engines, check_options, network_flags, reusable_timing_cache
-from engines.engine_manifest import (
+from taming_deploy.engines import deps, onnx_support
+from taming_deploy.engines.buffers import Copy2D, cache_bytes, new_kv_bytes, past_offsets, scatter_new_kv, step_buffers, tensor_bytes
+from taming_deploy.engines.build import build_engines, check_options, network_flags, reusable_timing_cache
+from taming_deploy.engines.engine_manifest import (
     ENGINES_MANIFEST,
     TIMING_CACHE,
     EngineEntry,
@@ -29,7 +29,7 @@ from engines.engine_manifest import (
     io_mismatch,
     read_engine_manifest,
 )
-from engines.profiles import (
+from taming_deploy.engines.profiles import (
     Limits,
     Profile,
     TensorRange,
@@ -39,9 +39,9 @@ from engines.profiles import (
     transformer_profile_index,
     transformer_shapes,
 )
-from engines.roofline import decode_step_bound, embedding_weight_count, peak_bandwidth, streamed_weight_count
-from engines.runtime import load_trt_backend, probe_trt_backend
-from engines.select import choose_backend
+from taming_deploy.engines.roofline import decode_step_bound, embedding_weight_count, peak_bandwidth, streamed_weight_count
+from taming_deploy.engines.runtime import load_trt_backend, probe_trt_backend
+from taming_deploy.engines.select import choose_backend
 from taming_deploy.bundle import GraphFile, Manifest, TensorSpec
 from taming_deploy.errors import UserError
 from taming_deploy.spec import ConditionSpec, ModelSpec
@@ -140,7 +140,7 @@ def test_transformer_gets_a_prefill_and_a_decode_profile():
 
 def test_past_names_are_the_exporters():
     pytest.importorskip("torch", reason="export.graphs needs PyTorch")
-    from export.graphs import past_names as exported_names
+    from taming_deploy.export.graphs import past_names as exported_names
 
     assert past_names(3) == exported_names(3)
 
@@ -346,7 +346,7 @@ def test_new_kv_scatter_refuses_positions_outside_the_block():
 
 def test_weight_counts_match_the_pytorch_model():
     torch = pytest.importorskip("torch", reason="the parameter count is checked against the PyTorch GPT")
-    from training.models.gpt import GPT, GPTConfig
+    from taming_deploy.training.models.gpt import GPT, GPTConfig
 
     spec = ModelSpec(4, 32, 40, 24, 2, 2, 16, ConditionSpec("unconditional"))
     gpt = GPT(GPTConfig(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=16))
@@ -433,8 +433,8 @@ def test_every_op_the_exporter_emits_is_supported():
 
 @pytest.mark.slow
 def test_exported_graphs_parse_as_far_as_the_op_table_tells(reference_model, tmp_path):
-    from export.graphs import graph_defs
-    from export.onnx_export import export_graph
+    from taming_deploy.export.graphs import graph_defs
+    from taming_deploy.export.onnx_export import export_graph
 
     for graph in graph_defs(reference_model):
         if graph.name in ("encoder", "decoder"):
@@ -501,7 +501,7 @@ def test_loading_engines_without_tensorrt_says_to_install_it(no_tensorrt, tmp_pa
 
 def test_cuda_status_is_checked():
     rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
-    from engines import cuda
+    from taming_deploy.engines import cuda
 
     assert cuda.check((rt.cudaError_t.cudaSuccess, 7), "cudaX") == 7
     assert cuda.check((rt.cudaError_t.cudaSuccess,), "cudaX") is None

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from engines import build_engines, cuda, deps, load_trt_backend
+from taming_deploy.engines import build_engines, cuda, deps, load_trt_backend
 from taming_deploy.bundle import GraphFile, Manifest, TensorSpec
 from taming_deploy.errors import UserError
 from taming_deploy.sampler import sample_tokens

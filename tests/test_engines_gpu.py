@@ -37,7 +37,7 @@ MAX_SIZE = (128, 128)  # the fixture's label map is 96 x 80 px
 
 @pytest.fixture(scope="module")
 def bundle(imported_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    exporter = pytest.importorskip("export.exporter", reason="export.exporter.export_bundle is not available yet")
+    exporter = pytest.importorskip("taming_deploy.export.exporter", reason="taming_deploy.export.exporter.export_bundle is not available yet")
     out = tmp_path_factory.mktemp("trt") / "bundle"
     exporter.export_bundle(imported_checkpoint, out)
     return out
@@ -56,7 +56,7 @@ def ort_tokens(bundle: Path, label_png: Path) -> np.ndarray:
 
 
 def test_fp32_engines_reproduce_onnx_runtime(bundle, label_png):
-    from engines import build_engines, load_trt_backend
+    from taming_deploy.engines import build_engines, load_trt_backend
     from taming_deploy.backends.ort_backend import OrtBackend
 
     build_engines(bundle, precision="fp32", max_size=MAX_SIZE, max_batch=2)
@@ -67,7 +67,7 @@ def test_fp32_engines_reproduce_onnx_runtime(bundle, label_png):
 
 
 def test_fp16_engines_agree_on_99_percent_of_greedy_tokens(bundle, label_png):
-    from engines import build_engines, load_trt_backend
+    from taming_deploy.engines import build_engines, load_trt_backend
 
     build_engines(bundle, precision="fp16", max_size=MAX_SIZE, max_batch=2)
     tokens = greedy_tokens(load_trt_backend(bundle), label_png)
@@ -76,7 +76,7 @@ def test_fp16_engines_agree_on_99_percent_of_greedy_tokens(bundle, label_png):
 
 
 def test_cuda_graph_decode_gives_the_same_tokens(bundle, label_png):
-    from engines import build_engines, load_trt_backend
+    from taming_deploy.engines import build_engines, load_trt_backend
 
     build_engines(bundle, precision="fp32", max_size=MAX_SIZE, max_batch=2)
     graphed = load_trt_backend(bundle, cuda_graph=True)
@@ -88,7 +88,7 @@ def test_cuda_graph_decode_gives_the_same_tokens(bundle, label_png):
 def test_device_cache_matches_onnx_runtime_slot_for_slot(bundle):
     """The engine's new_kv scattered by cudaMemcpy2DAsync leaves the same cache as OrtCache's numpy
     slice assignment, through a prefill and decode steps (replayed from a CUDA graph after the first)."""
-    from engines import build_engines, cuda, load_trt_backend
+    from taming_deploy.engines import build_engines, cuda, load_trt_backend
     from taming_deploy.backends.ort_backend import OrtBackend
 
     build_engines(bundle, precision="fp32", max_size=MAX_SIZE, max_batch=2)
@@ -110,7 +110,7 @@ def test_device_cache_matches_onnx_runtime_slot_for_slot(bundle):
 
 
 def test_stale_engines_and_out_of_range_requests_are_user_errors(bundle):
-    from engines import build_engines, load_trt_backend
+    from taming_deploy.engines import build_engines, load_trt_backend
 
     engines = build_engines(bundle, precision="fp32", max_size=MAX_SIZE, max_batch=2)
     assert (engines / "timing.cache").stat().st_size > 0

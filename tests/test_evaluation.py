@@ -13,12 +13,12 @@ from PIL import Image
 
 from taming_deploy.errors import UserError
 from taming_deploy.spec import ConditionSpec
-from training.checkpoint import save_checkpoint
-from training.config import ModelConfig
-from training.data.sources import VALIDATION_SEED_BASE
-from training.data.synthetic_landscapes import LABELS, PALETTE, render_scene
-from training.evaluation import evaluate as ev
-from training.evaluation.metrics import (
+from taming_deploy.training.checkpoint import save_checkpoint
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.data.sources import VALIDATION_SEED_BASE
+from taming_deploy.training.data.synthetic_landscapes import LABELS, PALETTE, render_scene
+from taming_deploy.training.evaluation import evaluate as ev
+from taming_deploy.training.evaluation.metrics import (
     confusion_matrix,
     mean_iou,
     per_class_iou,
@@ -27,7 +27,7 @@ from training.evaluation.metrics import (
     psnr_per_image,
     segmentation_scores,
 )
-from training.evaluation.segmenter import (
+from taming_deploy.training.evaluation.segmenter import (
     TRAIN_SEED_BASE,
     Segmenter,
     load_segmenter,
@@ -38,9 +38,9 @@ from training.evaluation.segmenter import (
     segment,
     validation_seeds,
 )
-from training.models.gpt import GPTConfig
-from training.models.net2net import TamingModel
-from training.models.vqgan import AutoencoderConfig
+from taming_deploy.training.models.gpt import GPTConfig
+from taming_deploy.training.models.net2net import TamingModel
+from taming_deploy.training.models.vqgan import AutoencoderConfig
 
 TINY_AE = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), in_channels=3, out_ch=3,
                resolution=32, z_channels=8, embed_dim=8, n_embed=32)
@@ -148,7 +148,7 @@ def test_segmenter_save_load_round_trip(tmp_path):
 def test_segmenter_training_is_reproducible_from_its_seed(tmp_path):
     from safetensors.torch import load_file
 
-    from training.evaluation.segmenter import TrainRecipe, main, train_segmenter
+    from taming_deploy.training.evaluation.segmenter import TrainRecipe, main, train_segmenter
 
     main(["--out", str(tmp_path / "a"), "--steps", "2", "--pixels-per-batch", "1", "--validation-count", "1"])
     _, info = train_segmenter(TrainRecipe(steps=2, pixels_per_batch=1, validation_count=1), tmp_path / "b", log=lambda _: None)

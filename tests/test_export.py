@@ -120,7 +120,7 @@ def test_graph_inputs_disagreeing_with_manifest_are_refused(fixture_bundle, labe
 
 
 def test_failed_export_leaves_existing_bundle_untouched_and_no_partial_files(imported_checkpoint, fixture_bundle, tmp_path, monkeypatch):
-    import export.exporter as exporter
+    import taming_deploy.export.exporter as exporter
 
     target = copy_bundle(fixture_bundle, tmp_path)
     before = {p.name: sha256_file(p) for p in target.iterdir()}
@@ -150,7 +150,7 @@ def test_info_describes_bundle(fixture_bundle):
 
 
 def test_mean_kl_is_the_kl_of_the_softmaxes_by_hand():
-    from export.validate import mean_kl
+    from taming_deploy.export.validate import mean_kl
 
     reference = np.array([[[0.0, 0.0]], [[5.0, 5.0]]])  # both positions: p = (1/2, 1/2), whatever the offset
     other = np.array([[[np.log(3.0), 0.0]], [[np.log(3.0) - 2, -2.0]]])  # q = (3/4, 1/4)

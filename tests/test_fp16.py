@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.exporter import past_feeds
-from export.fp16 import DEFAULT_THRESHOLD, Fp16IoRangeError, fp16_storage_emulation, to_mixed_precision
-from export.graphs import past_names
+from taming_deploy.export.exporter import past_feeds
+from taming_deploy.export.fp16 import DEFAULT_THRESHOLD, Fp16IoRangeError, fp16_storage_emulation, to_mixed_precision
+from taming_deploy.export.graphs import past_names
 
 FLOAT, FLOAT16, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 SIZE = 64  # pixels: the fixture's 16 x 16 latent window at f = 4
@@ -36,7 +36,7 @@ def runners(mixed: onnx.ModelProto) -> dict[str, ort.InferenceSession]:
 
 
 def scenes(seeds) -> tuple[np.ndarray, np.ndarray]:
-    from training.data.synthetic_landscapes import render_scene
+    from taming_deploy.training.data.synthetic_landscapes import render_scene
 
     rendered = [render_scene(seed, SIZE, SIZE) for seed in seeds]
     images = np.stack([s.image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0 for s in rendered])
@@ -69,8 +69,8 @@ def kv_shape(transformer: onnx.ModelProto):
 
 @pytest.fixture(scope="module")
 def graphs(reference_model, tmp_path_factory) -> dict[str, onnx.ModelProto]:
-    from export.graphs import graph_defs
-    from export.onnx_export import export_graph
+    from taming_deploy.export.graphs import graph_defs
+    from taming_deploy.export.onnx_export import export_graph
 
     out = tmp_path_factory.mktemp("fp16_graphs")
     wanted = ("encoder", "decoder", "transformer")

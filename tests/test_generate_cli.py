@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import save_tiny_model
 from helpers import assert_one_line_error, run_cli
 from taming_deploy.pipeline import Pipeline
-from training.data.synthetic_landscapes import PALETTE, colorize, render_scene
+from taming_deploy.training.data.synthetic_landscapes import PALETTE, colorize, render_scene
 
 SIZE = "64x48"  # 16 x 12 latent cells at f=4: seconds on a CPU
 
@@ -91,7 +91,7 @@ def test_class_id_for_a_segmentation_model_is_refused(tiny_checkpoint, tmp_path)
 
 @pytest.mark.slow
 def test_bundle_without_condition_encoder_refuses_cond(tmp_path, label_map):
-    from export.exporter import export_bundle
+    from taming_deploy.export.exporter import export_bundle
 
     checkpoint = save_tiny_model(tmp_path / "unconditional", kind="unconditional")
     export_bundle(checkpoint, tmp_path / "bundle", calibration_count=2, fp16=False, echo=lambda line: None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from training.models.gpt import GPT, GPTConfig
+from taming_deploy.training.models.gpt import GPT, GPTConfig
 
 
 def small_gpt(seed: int = 0) -> GPT:

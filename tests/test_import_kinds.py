@@ -12,7 +12,7 @@ from PIL import Image
 
 from helpers import assert_one_line_error, run_cli
 from taming_deploy.pipeline import Pipeline
-from training.import_taming import import_taming, model_config
+from taming_deploy.training.import_taming import import_taming, model_config
 
 DDCONFIG = {"double_z": False, "z_channels": 8, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
             "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
@@ -36,7 +36,7 @@ def original_files(kind: str, folder: Path) -> tuple[Path, Path]:
                          "params": {"cond_stage_key": key, "transformer_config": GPT, "first_stage_config": FIRST,
                                     "cond_stage_config": cond}}}
     (folder / "project.yaml").write_text(yaml.safe_dump(project))
-    from training.models.net2net import TamingModel
+    from taming_deploy.training.models.net2net import TamingModel
 
     config, _ = model_config(project["model"])
     torch.manual_seed(0)

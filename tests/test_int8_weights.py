@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.build import build_engines
-from export.exporter import export_bundle
-from export.int8_weights import int8_weight_storage
+from taming_deploy.engines.build import build_engines
+from taming_deploy.export.exporter import export_bundle
+from taming_deploy.export.int8_weights import int8_weight_storage
 from taming_deploy.errors import UserError
 from taming_deploy.info import describe_bundle
 from taming_deploy.pipeline import Pipeline
@@ -137,7 +137,7 @@ def test_int8_bundle_generates_and_tensorrt_build_refuses_its_int8_graphs(int8_b
 
 
 def test_int8_weights_that_move_the_outputs_fail_the_export_and_write_nothing(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
-    import export.exporter
+    import taming_deploy.export.exporter as exporter
 
     def off_by_half(model: onnx.ModelProto) -> onnx.ModelProto:
         """The real conversion with every scale 1.5x too large: weights 50% off."""
@@ -147,7 +147,7 @@ def test_int8_weights_that_move_the_outputs_fail_the_export_and_write_nothing(ti
                 init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
         return stored
 
-    monkeypatch.setattr(export.exporter, "int8_weight_storage", off_by_half)
+    monkeypatch.setattr(exporter, "int8_weight_storage", off_by_half)
     out = tmp_path / "bundle"
     with pytest.raises(UserError, match=r"export failed validation.*int8 weights"):
         export_bundle(tiny_checkpoint, out, calibration_count=4, fp16=False, int8_weights=True, echo=lambda line: None)

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from taming_deploy.errors import UserError
-from training.losses import lpips as lpips_module
-from training.losses.discriminator import NLayerDiscriminator, make_discriminator
-from training.losses.lpips import LPIPS, LPIPS_INSTALL_COMMAND, load_lpips, load_numpy_pickle
-from training.losses.vqgan_loss import (VQLossConfig, VQLPIPSWithDiscriminator, adaptive_weight, adopt_weight,
+from taming_deploy.training.losses import lpips as lpips_module
+from taming_deploy.training.losses.discriminator import NLayerDiscriminator, make_discriminator
+from taming_deploy.training.losses.lpips import LPIPS, LPIPS_INSTALL_COMMAND, load_lpips, load_numpy_pickle
+from taming_deploy.training.losses.vqgan_loss import (VQLossConfig, VQLPIPSWithDiscriminator, adaptive_weight, adopt_weight,
                                         hinge_d_loss, segmentation_loss)
 
 REFERENCE = Path(__file__).parent / "data" / "lpips_reference.npz"

@@ -9,7 +9,7 @@ from taming_deploy.errors import UserError
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions, choose_tokens
 from taming_deploy.windows import clamp, schedule
-from training.reference_sampler import reference_greedy
+from taming_deploy.training.reference_sampler import reference_greedy
 
 
 def placements_by_token(latent, window, mode, stride=8):

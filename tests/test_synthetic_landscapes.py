@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from training.data.synthetic_landscapes import LABELS, PALETTE, Scene, colorize, render_scene
+from taming_deploy.training.data.synthetic_landscapes import LABELS, PALETTE, Scene, colorize, render_scene
 
 SIZE = 128
 SEEDS = range(40)

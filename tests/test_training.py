@@ -17,19 +17,19 @@ from safetensors.torch import load_file
 
 from training_fixtures import tiny_config, write_yaml
 from taming_deploy.errors import UserError
-from training.checkpoint import load_model, replace_decoder, save_checkpoint
-from training.config import ModelConfig
-from training.data.sources import SyntheticLandscapes
-from training.distributed import DistEnv
-from training.losses.vqgan_loss import adaptive_weight
-from training.metrics import read_metrics
-from training.models.net2net import TamingModel
-from training.models.vqgan import AutoencoderConfig
-from training.stages.common import learning_rate
-from training.stages.cond import ConditionStage
-from training.stages.transformer import TransformerStage, tile_windows
-from training.stages.vqgan import VQGANStage
-from training.train_config import load_train_config
+from taming_deploy.training.checkpoint import load_model, replace_decoder, save_checkpoint
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.data.sources import SyntheticLandscapes
+from taming_deploy.training.distributed import DistEnv
+from taming_deploy.training.losses.vqgan_loss import adaptive_weight
+from taming_deploy.training.metrics import read_metrics
+from taming_deploy.training.models.net2net import TamingModel
+from taming_deploy.training.models.vqgan import AutoencoderConfig
+from taming_deploy.training.stages.common import learning_rate
+from taming_deploy.training.stages.cond import ConditionStage
+from taming_deploy.training.stages.transformer import TransformerStage, tile_windows
+from taming_deploy.training.stages.vqgan import VQGANStage
+from taming_deploy.training.train_config import load_train_config
 
 CPU = DistEnv(rank=0, world_size=1, device=torch.device("cpu"))
 REPO = Path(__file__).resolve().parents[1]
@@ -296,8 +296,8 @@ def test_sigkilled_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
 
 
 def test_dead_codes_are_moved_onto_encoder_outputs_and_their_adam_moments_cleared():
-    from training.models.quantizer import VectorQuantizer
-    from training.stages.codebook import CodebookRestarter
+    from taming_deploy.training.models.quantizer import VectorQuantizer
+    from taming_deploy.training.stages.codebook import CodebookRestarter
 
     torch.manual_seed(0)
     quantizer = VectorQuantizer(n_embed=8, embed_dim=4)

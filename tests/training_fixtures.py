@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from training.train_config import LoopConfig, TrainConfig
+from taming_deploy.training.train_config import LoopConfig, TrainConfig
 
 TINY_AUTOENCODER = {
     "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16], "in_channels": 3, "out_ch": 3,

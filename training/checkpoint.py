@@ -18,8 +18,8 @@ from taming_deploy.fileutil import atomic_directory
 from taming_deploy.model_paths import CHECKPOINT_CONFIG as CONFIG_FILE
 from taming_deploy.model_paths import CHECKPOINT_WEIGHTS as WEIGHTS_FILE
 from taming_deploy.model_paths import is_checkpoint
-from training.config import ModelConfig
-from training.models.net2net import TamingModel
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.models.net2net import TamingModel
 
 
 def save_checkpoint(path: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], extra: dict | None = None) -> None:

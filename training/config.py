@@ -5,8 +5,8 @@ from dataclasses import dataclass, replace
 
 from taming_deploy.errors import UserError
 from taming_deploy.spec import ConditionSpec, ModelSpec
-from training.models.gpt import GPTConfig
-from training.models.vqgan import AutoencoderConfig
+from taming_deploy.training.models.gpt import GPTConfig
+from taming_deploy.training.models.vqgan import AutoencoderConfig
 
 CONFIG_FORMAT = "taming-deploy-checkpoint"
 CONFIG_VERSION = 1

@@ -15,11 +15,11 @@ import yaml
 
 from taming_deploy.errors import UserError
 from taming_deploy.spec import ConditionSpec
-from training.checkpoint import check_state_dict, save_checkpoint
-from training.config import ModelConfig
-from training.models.gpt import GPTConfig
-from training.models.net2net import TamingModel
-from training.models.vqgan import AutoencoderConfig
+from taming_deploy.training.checkpoint import check_state_dict, save_checkpoint
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.models.gpt import GPTConfig
+from taming_deploy.training.models.net2net import TamingModel
+from taming_deploy.training.models.vqgan import AutoencoderConfig
 
 NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
 VQMODEL = "taming.models.vqgan.VQModel"

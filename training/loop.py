@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from taming_deploy.errors import UserError
 from taming_deploy.progress import progress_bar
-from training.checkpoint import save_checkpoint
-from training.config import ModelConfig
-from training.distributed import DistEnv, barrier, mean_across_ranks
-from training.metrics import MetricsLog
-from training.train_config import TrainConfig
-from training.train_state import load_train_state, save_train_state
+from taming_deploy.training.checkpoint import save_checkpoint
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.distributed import DistEnv, barrier, mean_across_ranks
+from taming_deploy.training.metrics import MetricsLog
+from taming_deploy.training.train_config import TrainConfig
+from taming_deploy.training.train_state import load_train_state, save_train_state
 
 LAST = "last"  # resumable state, refreshed every checkpoint_every steps
 FINAL = "final"  # the finished model: a plain project checkpoint, ready for `taming-deploy export`

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from taming_deploy.windows import clamp, window_shape
-from training.models.gpt import GPT
+from taming_deploy.training.models.gpt import GPT
 
 
 @torch.no_grad()

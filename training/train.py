@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from training import distributed
-from training.data.sources import open_source
-from training.loop import run_training
-from training.stages.cond import ConditionStage
-from training.stages.transformer import TransformerStage
-from training.stages.vqgan import VQGANStage
-from training.train_config import TrainConfig
+from taming_deploy.training import distributed
+from taming_deploy.training.data.sources import open_source
+from taming_deploy.training.loop import run_training
+from taming_deploy.training.stages.cond import ConditionStage
+from taming_deploy.training.stages.transformer import TransformerStage
+from taming_deploy.training.stages.vqgan import VQGANStage
+from taming_deploy.training.train_config import TrainConfig
 
 
 def train(cfg: TrainConfig, data: str, out: Path, resume: bool = False, echo: Callable[[str], None] = print) -> Path:

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory
-from training.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from training.config import ModelConfig
+from taming_deploy.training.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from taming_deploy.training.config import ModelConfig
 
 OPTIMIZERS_FILE = "optimizers.safetensors"
 TRAINER_FILE = "trainer.json"

@@ -36,8 +36,8 @@ def load_ort(path: Path) -> Backend:
 def load_backend(path: Path | str | None, backend: BackendName = "auto", note: Callable[[str], None] = log.info) -> Backend:
     """``auto``: a checkpoint runs on torch; a bundle on its TensorRT engines when they load here,
     else on ONNX Runtime (``note`` is told why)."""
-    from engines import choose_backend, probe_trt_backend
-    from engines.engine_manifest import engines_dir
+    from taming_deploy.engines import choose_backend, probe_trt_backend
+    from taming_deploy.engines.engine_manifest import engines_dir
 
     path = DEFAULT_MODEL if path is None else Path(path)
     if not path.exists():

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from taming_deploy.spec import ModelSpec
-from training.checkpoint import load_model
-from training.models.net2net import TamingModel
+from taming_deploy.training.checkpoint import load_model
+from taming_deploy.training.models.net2net import TamingModel
 
 
 class TorchBackend:

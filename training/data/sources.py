@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from taming_deploy.conditions import labels_from_palette_colours
 from taming_deploy.errors import UserError
-from training.data.synthetic_landscapes import LABELS, PALETTE, render_scene
+from taming_deploy.training.data.synthetic_landscapes import LABELS, PALETTE, render_scene
 
 SYNTHETIC = "synthetic:landscapes"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

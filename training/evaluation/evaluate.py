@@ -9,7 +9,7 @@ chosen backend, so the numbers are those of what is deployed.
 
 Label following (:func:`evaluate_label_following`): for the label maps of held-out scenes, at each
 requested (width, height), the model generates one image per map through ``Pipeline.generate`` (the
-public API, sliding window and all), and the shipped segmenter (``training.evaluation.segmenter``)
+public API, sliding window and all), and the shipped segmenter (``taming_deploy.training.evaluation.segmenter``)
 labels the generated pixels. Pixel accuracy and mIoU of those labels against the input maps measure
 how well the images follow their conditions. The same segmenter on the real renders of the same
 scenes gives the ceiling: the generated score can only be read relative to it. When the model has a
@@ -36,10 +36,10 @@ import torch
 from taming_deploy.errors import UserError
 from taming_deploy.spec import ConditionSpec
 from taming_deploy.model_paths import DEFAULT_MODEL, is_bundle, is_checkpoint
-from training.data.sources import VALIDATION_SEED_BASE, SyntheticLandscapes
-from training.data.synthetic_landscapes import LABELS, colorize, render_scene
-from training.evaluation.metrics import confusion_matrix, lpips_per_image, psnr_per_image, segmentation_scores
-from training.evaluation.segmenter import Segmenter, load_segmenter, segment, uint8_to_model
+from taming_deploy.training.data.sources import VALIDATION_SEED_BASE, SyntheticLandscapes
+from taming_deploy.training.data.synthetic_landscapes import LABELS, colorize, render_scene
+from taming_deploy.training.evaluation.metrics import confusion_matrix, lpips_per_image, psnr_per_image, segmentation_scores
+from taming_deploy.training.evaluation.segmenter import Segmenter, load_segmenter, segment, uint8_to_model
 
 What = Literal["all", "reconstruction", "labels"]
 WHATS = ("all", "reconstruction", "labels")
@@ -91,7 +91,7 @@ def _resolve(path: Path | str | None) -> Path:
 def _reconstructor(path: Path, backend: str) -> tuple[Callable[[np.ndarray], np.ndarray], str, int]:
     """(images (B, 3, H, W) in [-1, 1] -> clamped reconstructions, runner name, downsampling factor)."""
     if is_checkpoint(path) and not is_bundle(path):
-        from training.checkpoint import load_model, read_config
+        from taming_deploy.training.checkpoint import load_model, read_config
 
         if read_config(path).first_stage is None:
             raise UserError(f"{path} holds no first stage (VQGAN): nothing to reconstruct with")
@@ -118,7 +118,7 @@ def evaluate_reconstruction(path: Path | str | None, count: int = 64, size: int 
     ``path``: a checkpoint with a first stage (run on torch) or an exported bundle (its encoder and
     decoder on ``backend``); None: the embedded default model.
     """
-    from training.losses.lpips import load_lpips
+    from taming_deploy.training.losses.lpips import load_lpips
 
     path = _resolve(path)
     if count < 1 or size < 1 or batch_size < 1:
@@ -263,7 +263,7 @@ class Capabilities:
 def capabilities(path: Path | str | None) -> Capabilities:
     path = _resolve(path)
     if is_checkpoint(path) and not is_bundle(path):
-        from training.checkpoint import read_config
+        from taming_deploy.training.checkpoint import read_config
 
         config = read_config(path)
         has_first = config.first_stage is not None

@@ -7,7 +7,7 @@ resolution with skip connections, and class logits bilinearly upsampled to the i
 RGB (B, 3, H, W) in [-1, 1], any H and W (padded to a multiple of 16 inside); output: (B, 8, H, W)
 logits over ``training.data.synthetic_landscapes.LABELS``.
 
-Training (:func:`train_segmenter`, or ``python -m training.evaluation.segmenter --out DIR``) renders
+Training (:func:`train_segmenter`, or ``python -m taming_deploy.training.evaluation.segmenter --out DIR``) renders
 fresh scenes every step from seeds drawn in ``[2**41, 2**42)``: disjoint from the seeds VQGAN and
 transformer training draws (``[0, 2**31)``) and from the validation scenes (``2**40 + k``), on which the
 segmenter is then scored. To judge generated images fairly rather than only clean renders, the
@@ -46,9 +46,9 @@ from torch import nn
 
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory
-from training.data.sources import VALIDATION_SEED_BASE, to_model_range
-from training.data.synthetic_landscapes import LABELS, render_scene
-from training.evaluation.metrics import confusion_matrix, segmentation_scores
+from taming_deploy.training.data.sources import VALIDATION_SEED_BASE, to_model_range
+from taming_deploy.training.data.synthetic_landscapes import LABELS, render_scene
+from taming_deploy.training.evaluation.metrics import confusion_matrix, segmentation_scores
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = "segmenter.safetensors"
@@ -354,7 +354,7 @@ def _train(recipe: TrainRecipe, out: Path | None, log: Callable[[str], None], lo
         "validation_512x256": score_segmenter(model, max(1, recipe.validation_count // 4), 256, 512),
     }
     info = {
-        "reproduce": (f"python -m training.evaluation.segmenter --out DIR --steps {recipe.steps} --seed {recipe.seed} "
+        "reproduce": (f"python -m taming_deploy.training.evaluation.segmenter --out DIR --steps {recipe.steps} --seed {recipe.seed} "
                       f"--lr {recipe.lr:g} --pixels-per-batch {recipe.pixels_per_batch} --threads {recipe.threads} "
                       f"--validation-count {recipe.validation_count}"),
         "recipe": recipe.to_dict(),

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses.discriminator import make_discriminator
+from taming_deploy.training.losses.discriminator import make_discriminator
 
 
 def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
@@ -90,7 +90,7 @@ class VQLPIPSWithDiscriminator(nn.Module):
             raise ValueError(f"unknown disc_loss {config.disc_loss!r}; one of {sorted(D_LOSSES)}")
         self.config = config
         if perceptual is None and config.perceptual_weight > 0:
-            from training.losses.lpips import load_lpips
+            from taming_deploy.training.losses.lpips import load_lpips
 
             perceptual = load_lpips()
         self.perceptual_loss = perceptual

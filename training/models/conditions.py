@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models.vqgan import SegmentationVQModel, VQModel
+from taming_deploy.training.models.vqgan import SegmentationVQModel, VQModel
 
 
 class SegmentationCondition(SegmentationVQModel):

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import ModelConfig
-from training.models.conditions import (
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.models.conditions import (
     ClassCondition,
     ConditionStage,
     DepthCondition,
     SegmentationCondition,
     UnconditionalCondition,
 )
-from training.models.gpt import GPT
-from training.models.vqgan import VQModel
+from taming_deploy.training.models.gpt import GPT
+from taming_deploy.training.models.vqgan import VQModel
 
 
 def build_condition_stage(config: ModelConfig) -> ConditionStage:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.quantizer import QuantizedLatent, VectorQuantizer
+from taming_deploy.training.models.quantizer import QuantizedLatent, VectorQuantizer
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from training.distributed import DistEnv
-from training.models.quantizer import VectorQuantizer
+from taming_deploy.training.distributed import DistEnv
+from taming_deploy.training.models.quantizer import VectorQuantizer
 
 
 class CodebookRestarter:

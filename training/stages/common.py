@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from training.distributed import DistEnv
+from taming_deploy.training.distributed import DistEnv
 
 
 def autocast(env: DistEnv, precision: str) -> contextlib.AbstractContextManager:

@@ -6,15 +6,15 @@ import torch
 
 from taming_deploy.errors import UserError
 from taming_deploy.spec import ConditionSpec
-from training.config import ModelConfig
-from training.data.sources import Source
-from training.distributed import DistEnv
-from training.losses.vqgan_loss import segmentation_loss
-from training.models.net2net import TamingModel
-from training.models.vqgan import AutoencoderConfig
-from training.stages.common import ModelWeights, autocast, image_grid, sync_gradients, to_device, wrap_ddp
-from training.stages.codebook import CodebookRestarter
-from training.train_config import TrainConfig
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.data.sources import Source
+from taming_deploy.training.distributed import DistEnv
+from taming_deploy.training.losses.vqgan_loss import segmentation_loss
+from taming_deploy.training.models.net2net import TamingModel
+from taming_deploy.training.models.vqgan import AutoencoderConfig
+from taming_deploy.training.stages.common import ModelWeights, autocast, image_grid, sync_gradients, to_device, wrap_ddp
+from taming_deploy.training.stages.codebook import CodebookRestarter
+from taming_deploy.training.train_config import TrainConfig
 
 VALIDATION_MAPS = 8
 

@@ -19,15 +19,15 @@ from taming_deploy.errors import UserError
 from taming_deploy.model_paths import CHECKPOINT_WEIGHTS
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions
-from training.checkpoint import load_model
-from training.config import ModelConfig
-from training.data.sources import Source
-from training.distributed import DistEnv, barrier
-from training.models.gpt import GPTConfig
-from training.models.net2net import TamingModel
-from training.stages.common import ModelWeights, autocast, image_grid, learning_rate, set_learning_rate, sync_gradients, to_device, wrap_ddp
-from training.stages.cond import label_pictures
-from training.train_config import TrainConfig
+from taming_deploy.training.checkpoint import load_model
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.data.sources import Source
+from taming_deploy.training.distributed import DistEnv, barrier
+from taming_deploy.training.models.gpt import GPTConfig
+from taming_deploy.training.models.net2net import TamingModel
+from taming_deploy.training.stages.common import ModelWeights, autocast, image_grid, learning_rate, set_learning_rate, sync_gradients, to_device, wrap_ddp
+from taming_deploy.training.stages.cond import label_pictures
+from taming_deploy.training.train_config import TrainConfig
 
 TOKEN_CACHE = "token_cache.npz"
 ENCODE_BATCH = 16

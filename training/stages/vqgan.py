@@ -13,14 +13,14 @@ import numpy as np
 import torch
 
 from taming_deploy.errors import UserError
-from training.checkpoint import load_model
-from training.config import ModelConfig
-from training.data.sources import Batch, Source
-from training.distributed import DistEnv
-from training.losses.vqgan_loss import VQLossConfig, VQLPIPSWithDiscriminator
-from training.models.net2net import TamingModel
-from training.models.vqgan import AutoencoderConfig, VQModel
-from training.stages.common import (
+from taming_deploy.training.checkpoint import load_model
+from taming_deploy.training.config import ModelConfig
+from taming_deploy.training.data.sources import Batch, Source
+from taming_deploy.training.distributed import DistEnv
+from taming_deploy.training.losses.vqgan_loss import VQLossConfig, VQLPIPSWithDiscriminator
+from taming_deploy.training.models.net2net import TamingModel
+from taming_deploy.training.models.vqgan import AutoencoderConfig, VQModel
+from taming_deploy.training.stages.common import (
     autocast,
     average_gradients,
     broadcast_from_rank0,
@@ -31,8 +31,8 @@ from training.stages.common import (
     to_device,
     wrap_ddp,
 )
-from training.stages.codebook import CodebookRestarter
-from training.train_config import TrainConfig
+from taming_deploy.training.stages.codebook import CodebookRestarter
+from taming_deploy.training.train_config import TrainConfig
 
 VALIDATION_IMAGES = 8
 
