@@ -22,7 +22,7 @@ import taming_deploy
 from taming_deploy.engines.onnx_support import unsupported_ops
 from taming_deploy.export.fp16 import Fp16IoRangeError, to_mixed_precision
 from taming_deploy.export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token_sequences
-from taming_deploy.export.graphs import graph_defs, past_names
+from taming_deploy.export.graphs import CONDITION_INPUTS, graph_defs, past_names
 from taming_deploy.export.onnx_export import OPSET, export_graph
 from taming_deploy.export.int8_weights import int8_weight_storage
 from taming_deploy.export.validate import FP16_LIMITS, INT8_WEIGHT_LIMITS, Check, check_fp32, check_variant, emulated_fp16_backend, transformed_bundle
@@ -67,7 +67,7 @@ def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> d
         "decoder": [{"indices": image_tokens[k : k + 1]} for k in range(len(calib))],
     }
     if calib.conditions is not None:
-        name = "labels" if spec.condition.kind == "segmentation" else "depth"
+        name = CONDITION_INPUTS[spec.condition.kind]
         feeds["cond_encoder"] = [{name: calib.conditions[k : k + 1]} for k in range(len(calib))]
         cond_tokens = model.cond_stage_model.condition_tokens(torch.from_numpy(calib.conditions)).numpy()
     else:

@@ -2,7 +2,7 @@
 
 - encoder:      image (B, 3, H, W) float32 in [-1, 1] -> indices (B, h, w) int64
 - decoder:      indices (B, h, w) int64 -> image (B, 3, H, W) float32 (unclamped)
-- cond_encoder: labels (B, H, W) int64 class ids, or depth (B, 1, H, W) float32 -> indices (B, h, w)
+- cond_encoder: labels (B, H, W) int64 class ids, or depth (B, 1, H, W) float32 in [-1, 1] -> indices (B, h, w)
 - transformer:  tokens (B, T) int64, position () int64, past_key_i / past_value_i (B, n_head, block_size,
                 head_dim) per layer i -> logits (B, V) of the last position, new_kv (n_layer, 2, B, n_head,
                 T, head_dim): the fed tokens' keys and values, which the runtime writes into its cache at
@@ -63,6 +63,9 @@ class TransformerStepGraph(nn.Module):
         return self.gpt(tokens, list(zip(past[:layers], past[layers:])), position, last_only=True)
 
 
+CONDITION_INPUTS = {"segmentation": "labels", "depth": "depth"}  # the cond_encoder graph's input, per kind
+
+
 def past_names(n_layer: int) -> tuple[str, ...]:
     return tuple(f"past_key_{i}" for i in range(n_layer)) + tuple(f"past_value_{i}" for i in range(n_layer))
 
@@ -109,11 +112,14 @@ def graph_defs(model: TamingModel, example_hw: tuple[int, int] = (64, 64)) -> li
             ("labels",), ("indices",), {"labels": {0: batch, 1: auto, 2: auto}},
             {"labels": ("batch", "height", "width"), "indices": latent_axes},
         ))
-    elif cond.kind == "depth":
+    elif cond.spatial:
+        channels = model.cond_stage_model.config.in_channels
+        name = CONDITION_INPUTS[cond.kind]
+        # dynamic_shapes are keyed by the forward's argument ("image"); the ONNX input is named for the kind
         defs.append(GraphDef(
-            "cond_encoder", EncoderGraph(model.cond_stage_model), (torch.rand(2, 1, h, w) * 2 - 1,),
-            ("depth",), ("indices",), {"depth": {0: batch, 2: auto, 3: auto}},
-            {"depth": ("batch", 1, "height", "width"), "indices": latent_axes},
+            "cond_encoder", EncoderGraph(model.cond_stage_model), (torch.rand(2, channels, h, w) * 2 - 1,),
+            (name,), ("indices",), {"image": {0: batch, 2: auto, 3: auto}},
+            {name: ("batch", channels, "height", "width"), "indices": latent_axes},
         ))
     names = past_names(spec.n_layer)
     slot_axes = ("batch", spec.n_head, spec.block_size, spec.head_dim)

@@ -103,12 +103,32 @@ def resize_labels(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(ids.astype(np.int32)).resize(size, Image.Resampling.NEAREST)).astype(np.int64)
 
 
+DEPTH_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "F")  # 8/16-bit grayscale, 32-bit integer or float
+
+
+def depth_values(image: Image.Image, name: str) -> np.ndarray:
+    """A depth image's raw values as (H, W) float32: grayscale, or the original's RGBA PNGs whose four
+    bytes per pixel are one little-endian float32 (its extract_depth script)."""
+    if image.mode == "RGBA":
+        rgba = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+        depth = rgba.view("<f4").reshape(rgba.shape[:2]).astype(np.float32)
+        if not np.isfinite(depth).all():
+            raise UserError(
+                f"{name}: an RGBA depth file must hold one float32 per pixel (the original's format); "
+                f"{int((~np.isfinite(depth)).sum())} pixels are not finite numbers, so this is not one"
+            )
+        return depth
+    if image.mode not in DEPTH_MODES:
+        raise UserError(
+            f"{name}: expected a depth image (8/16-bit grayscale PNG, or the original's RGBA-float32 PNG), got mode {image.mode}"
+        )
+    return np.asarray(image.convert("F") if image.mode != "F" else image, dtype=np.float32)
+
+
 def read_depth_map(source: ImageSource) -> np.ndarray:
-    """A depth image (any single channel, 8 or 16 bit) -> (H, W) float32 min-max scaled to [-1, 1]."""
+    """A depth image -> (H, W) float32 min-max scaled per image to [-1, 1], as the original does."""
     image, name = as_image(source)
-    if image.mode not in ("L", "I", "I;16", "F"):
-        raise UserError(f"{name}: expected a single-channel depth image, got mode {image.mode}")
-    depth = np.asarray(image.convert("F"), dtype=np.float32)
+    depth = depth_values(image, name)
     low, high = float(depth.min()), float(depth.max())
     return (2.0 * (depth - low) / max(high - low, 1e-8) - 1.0).astype(np.float32)
 

@@ -101,8 +101,9 @@ def largest_window(block_size: int, spatial: bool, limit: int = 16) -> tuple[int
     return side, side
 
 
-def model_config(model: dict) -> tuple[ModelConfig, str]:
-    """project.yaml's model section -> (ModelConfig, prefix that state-dict keys need)."""
+def model_config(model: dict, config_path: Path = Path("project.yaml")) -> tuple[ModelConfig, str]:
+    """project.yaml's model section -> (ModelConfig, prefix that state-dict keys need); files the
+    config names (``remap``) are resolved relative to ``config_path``'s folder."""
     target, params = model["target"], model.get("params", {})
     if target == NET2NET:
         permuter = params.get("permuter_config")
@@ -166,7 +167,7 @@ def is_training_only(key: str) -> bool:
 
 
 def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool = False) -> ModelConfig:
-    config, prefix = model_config(read_project_yaml(project_yaml))
+    config, prefix = model_config(read_project_yaml(project_yaml), Path(project_yaml))
     state = {prefix + k: v for k, v in load_lightning_state_dict(ckpt, trust_pickle).items() if not is_training_only(k)}
     model = TamingModel(config)
     check_state_dict(model, state, str(ckpt))
