@@ -8,7 +8,7 @@
                 T, head_dim): the fed tokens' keys and values, which the runtime writes into its cache at
                 slots position..position+T-1. One graph for prefills and steps; no shape grows with the
                 step count, and the cache is never copied inside the graph.
-The quantizer's distances and argmin are fp32 inside every graph (see quantizer.nearest_code).
+The quantizer's distances (Gumbel: logits) and argmin (argmax) are fp32 inside every graph (quantizer.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from torch import nn
 
 from taming_deploy.training.models.gpt import GPT
 from taming_deploy.training.models.net2net import TamingModel
-from taming_deploy.training.models.quantizer import nearest_code
 from taming_deploy.training.models.vqgan import VQModel
 
 
@@ -29,10 +28,7 @@ class EncoderGraph(nn.Module):
         self.vq = vq
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        z = self.vq.quant_conv(self.vq.encoder(image))
-        b, c, h, w = z.shape
-        indices = nearest_code(z.permute(0, 2, 3, 1).reshape(-1, c), self.vq.quantize.embedding.weight)
-        return indices.view(b, h, w)
+        return self.vq.codes(image)
 
 
 class SegmentationEncoderGraph(EncoderGraph):

@@ -12,6 +12,7 @@ import yaml
 NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
 VQMODEL = "taming.models.vqgan.VQModel"
 GUMBEL = "taming.models.vqgan.GumbelVQ"
+VQSEG = "taming.models.vqgan.VQSegmentationModel"
 GPT_TARGET = "taming.modules.transformer.mingpt.GPT"
 
 DDCONFIG = {"double_z": False, "z_channels": 8, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
@@ -22,6 +23,8 @@ LOSS = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
 def vq_stage(target: str = VQMODEL, n_embed: int = 32, embed_dim: int = 8, **ddconfig) -> dict:
     """A first-stage or VQ condition-stage config: ``ddconfig`` entries override DDCONFIG's."""
     params: dict = {"embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": {**DDCONFIG, **ddconfig}, "lossconfig": LOSS}
+    if target == VQSEG:
+        params["n_labels"] = params["ddconfig"]["in_channels"]
     if target == GUMBEL:
         params["temperature_scheduler_config"] = {"target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
                                                   "params": {"warm_up_steps": 0, "max_decay_steps": 1000,
@@ -55,7 +58,7 @@ def randomised(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Ten
 
 def write_original(folder: Path, project: dict, seed: int = 0) -> tuple[Path, Path]:
     """project.yaml and last.ckpt (state_dict with the original's names, loss.* tensors, global_step)."""
-    from taming_deploy.training.import_taming import model_config
+    from taming_deploy.training.import_taming import model_config, remap_buffers
     from taming_deploy.training.models.net2net import TamingModel
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,6 +67,7 @@ def write_original(folder: Path, project: dict, seed: int = 0) -> tuple[Path, Pa
     config, _ = model_config(copy.deepcopy(project["model"]), folder / "project.yaml")
     torch.manual_seed(seed)
     state = randomised(TamingModel(config).state_dict(), seed)
+    state.update(remap_buffers(project["model"], folder / "project.yaml"))  # the original's buffer holds the .npy
     if project["model"]["params"].get("cond_stage_config") == "__is_first_stage__":
         # the original registers its first stage a second time as the condition stage
         for key in [k for k in state if k.startswith("first_stage_model.")]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from original_checkpoints import VQMODEL, gpt, net2net_project, vq_stage, write_original
+from original_checkpoints import GUMBEL, VQMODEL, VQSEG, gpt, net2net_project, vq_stage, write_original
 from taming_deploy.export.exporter import export_bundle
 from taming_deploy.pipeline import Pipeline
 from taming_deploy.training.checkpoint import load_model
@@ -44,3 +44,16 @@ def test_depth_model_exports_and_generates_from_a_16_bit_depth_png(tmp_path):
     Image.fromarray(values.astype(np.uint16)).save(tmp_path / "depth.png")
     tokens = deploys_like_the_original(tmp_path, project, tmp_path / "depth.png")
     assert tokens.shape == (1, 16, 24)  # 12x12 window (block 300) slides over a 16x24 latent
+
+
+def label_map(path: Path, n_labels: int, height: int = 32, width: int = 48) -> Path:
+    """Horizontal bands of labels with a diagonal edge, as an 8-bit class-id PNG."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    Image.fromarray(((rows + cols // 3) * n_labels // (height + width // 3)).astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def test_gumbel_first_stage_with_segmentation_condition(tmp_path):
+    segmentation = vq_stage(VQSEG, n_embed=16, in_channels=5, out_ch=5)
+    project = net2net_project(vq_stage(GUMBEL, n_embed=32, embed_dim=8), segmentation, "segmentation", gpt())
+    deploys_like_the_original(tmp_path, project, label_map(tmp_path / "labels.png", 5))

@@ -47,7 +47,7 @@ class ModelConfig:
         if not self.is_complete:
             return
         assert fs is not None and cond is not None and gpt is not None
-        needed = max(fs.n_embed, cond.codebook_size or 0, (cond.n_classes or 0), cond.sos_token + 1)
+        needed = max(fs.codebook_tokens, cond.codebook_size or 0, (cond.n_classes or 0), cond.sos_token + 1)
         if gpt.vocab_size < needed:
             raise UserError(f"transformer vocab_size {gpt.vocab_size} does not cover the codebooks ({needed} tokens)")
         if cond.spatial:
@@ -70,10 +70,10 @@ class ModelConfig:
         cond = self.condition
         if cond.spatial and cond.codebook_size is None:
             assert self.condition_autoencoder is not None
-            cond = replace(cond, codebook_size=self.condition_autoencoder.n_embed)
+            cond = replace(cond, codebook_size=self.condition_autoencoder.codebook_tokens)
         return ModelSpec(
             downsample_factor=self.first_stage.downsample_factor,
-            image_codebook_size=self.first_stage.n_embed,
+            image_codebook_size=self.first_stage.codebook_tokens,
             vocab_size=self.transformer.vocab_size,
             block_size=self.transformer.block_size,
             n_layer=self.transformer.n_layer,

@@ -10,6 +10,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -24,6 +25,8 @@ from taming_deploy.training.models.vqgan import AutoencoderConfig
 NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
 VQMODEL = "taming.models.vqgan.VQModel"
 VQSEG = "taming.models.vqgan.VQSegmentationModel"
+GUMBEL = "taming.models.vqgan.GumbelVQ"
+FIRST_STAGE_TARGETS = (VQMODEL, GUMBEL)
 SOS = "taming.modules.util.SOSProvider"
 LABELATOR = "taming.modules.util.Labelator"
 GPT_TARGET = "taming.modules.transformer.mingpt.GPT"
@@ -41,10 +44,34 @@ def read_project_yaml(path: Path) -> dict:
     return doc["model"]
 
 
-def autoencoder_config(params: dict, where: str) -> AutoencoderConfig:
-    """The original VQModel params -> AutoencoderConfig; refuses options this project does not implement."""
-    if params.get("remap") is not None:
-        raise UserError(f"{where}: codebook remapping (remap) is not supported")
+def read_remap(params: dict, where: str, config_path: Path) -> np.ndarray | None:
+    """The ``remap`` file (a .npy of the used codes), resolved relative to the config's folder."""
+    if params.get("remap") is None:
+        return None
+    path = Path(params["remap"])
+    path = path if path.is_absolute() else Path(config_path).parent / path
+    if not path.is_file():
+        raise UserError(f"{where}: its remap file {params['remap']} (looked for at {path}) does not exist; put the .npy of used codes there")
+    try:
+        used = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{where}: cannot read remap file {path} ({exc})") from None
+    n_embed = int(params.get("n_embed", 0))
+    if used.ndim != 1 or not np.issubdtype(used.dtype, np.integer) or used.size == 0 or used.min() < 0 or used.max() >= n_embed:
+        raise UserError(f"{where}: remap file {path} must be a 1-D array of code indices in 0..{n_embed - 1}")
+    return used.astype(np.int64)
+
+
+def unknown_index(params: dict, where: str) -> str | int:
+    value = params.get("unknown_index", "random")
+    if value in ("random", "extra") or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise UserError(f"{where}: unknown_index {value!r} is not supported (random, extra or a code index)")
+
+
+def autoencoder_config(params: dict, where: str, config_path: Path, target: str = VQMODEL) -> AutoencoderConfig:
+    """The original VQModel / GumbelVQ params -> AutoencoderConfig; refuses options this project does not implement."""
+    used = read_remap(params, where, config_path)
     dd = params.get("ddconfig", {})
     for flag in ("give_pre_end", "tanh_out"):
         if dd.get(flag):
@@ -52,6 +79,8 @@ def autoencoder_config(params: dict, where: str) -> AutoencoderConfig:
     missing = [k for k in DDCONFIG_FIELDS if k not in dd and k not in ("dropout", "double_z")]
     if missing or "embed_dim" not in params or "n_embed" not in params:
         raise UserError(f"{where}: missing {', '.join(missing + [k for k in ('embed_dim', 'n_embed') if k not in params])}")
+    if target == GUMBEL and int(params["embed_dim"]) != int(dd["z_channels"]):
+        raise UserError(f"{where}: a GumbelVQ needs embed_dim == z_channels, got {params['embed_dim']} and {dd['z_channels']}")
     return AutoencoderConfig(
         ch=int(dd["ch"]),
         ch_mult=tuple(int(m) for m in dd["ch_mult"]),
@@ -65,10 +94,38 @@ def autoencoder_config(params: dict, where: str) -> AutoencoderConfig:
         double_z=bool(dd.get("double_z", False)),
         embed_dim=int(params["embed_dim"]),
         n_embed=int(params["n_embed"]),
+        quantizer="gumbel" if target == GUMBEL else "vq",
+        remap_codes=0 if used is None else len(used),
+        unknown_index=unknown_index(params, where),
     )
 
 
-def condition_config(model: dict) -> tuple[ConditionSpec, AutoencoderConfig | None]:
+def first_stage_config(stage: dict, config_path: Path) -> AutoencoderConfig:
+    target = stage.get("target")
+    if target not in FIRST_STAGE_TARGETS:
+        raise UserError(f"first_stage_config: target {target} is not supported (supported: {', '.join(FIRST_STAGE_TARGETS)})")
+    return autoencoder_config(stage.get("params", {}), "first_stage_config", config_path, target)
+
+
+def remap_buffers(model: dict, config_path: Path) -> dict[str, torch.Tensor]:
+    """The ``quantize.used`` buffers of the stages with a ``remap`` file, under their state-dict names
+    (a checkpoint of the original holds them too; its own copy is the one loaded)."""
+    params = model.get("params", {})
+    if model["target"] != NET2NET:
+        stages = {"first_stage_model." if model["target"] != VQSEG else "cond_stage_model.": params}
+    else:
+        stages = {"first_stage_model.": params["first_stage_config"].get("params", {})}
+        if isinstance(params.get("cond_stage_config"), dict):
+            stages["cond_stage_model."] = params["cond_stage_config"].get("params", {})
+    buffers = {}
+    for prefix, stage in stages.items():
+        used = read_remap(stage, prefix.rstrip("."), config_path)
+        if used is not None:
+            buffers[prefix + "quantize.used"] = torch.from_numpy(used)
+    return buffers
+
+
+def condition_config(model: dict, config_path: Path) -> tuple[ConditionSpec, AutoencoderConfig | None]:
     params = model.get("params", {})
     cond = params.get("cond_stage_config")
     key = params.get("cond_stage_key", "depth")
@@ -81,14 +138,14 @@ def condition_config(model: dict) -> tuple[ConditionSpec, AutoencoderConfig | No
         return ConditionSpec(kind="unconditional", sos_token=int(cparams.get("sos_token", 0))), None
     if target == LABELATOR:
         return ConditionSpec(kind="class", n_classes=int(cparams["n_classes"])), None
-    if target in (VQMODEL, VQSEG):
-        ae = autoencoder_config(cparams, "cond_stage_config")
+    if target in (VQMODEL, VQSEG, GUMBEL):
+        ae = autoencoder_config(cparams, "cond_stage_config", config_path, target)
         is_segmentation = target == VQSEG or key == "segmentation" or cparams.get("colorize_nlabels") is not None
         if is_segmentation:
             n_labels = int(cparams.get("n_labels", ae.in_channels))
-            return ConditionSpec(kind="segmentation", n_labels=n_labels, codebook_size=ae.n_embed), ae
+            return ConditionSpec(kind="segmentation", n_labels=n_labels, codebook_size=ae.codebook_tokens), ae
         if ae.in_channels == 1:
-            return ConditionSpec(kind="depth", codebook_size=ae.n_embed), ae
+            return ConditionSpec(kind="depth", codebook_size=ae.codebook_tokens), ae
         raise UserError(f"a {ae.in_channels}-channel VQ condition ({key}) is not supported (supported: segmentation, depth)")
     raise UserError(f"condition stage {target} is not supported (supported: segmentation, depth, class, unconditional)")
 
@@ -117,13 +174,13 @@ def model_config(model: dict, config_path: Path = Path("project.yaml")) -> tuple
         tparams = dict(tcfg["params"])
         if int(tparams.pop("n_unmasked", 0)) != 0:
             raise UserError("n_unmasked != 0 is not supported")
-        condition, cond_ae = condition_config(model)
+        condition, cond_ae = condition_config(model, config_path)
         unknown = sorted(set(tparams) - set(GPTConfig.__dataclass_fields__))
         if unknown:
             raise UserError(f"transformer_config: unsupported parameters {', '.join(unknown)}")
         gpt = GPTConfig(**tparams)
         config = ModelConfig(
-            first_stage=autoencoder_config(params["first_stage_config"]["params"], "first_stage_config"),
+            first_stage=first_stage_config(params["first_stage_config"], config_path),
             condition=condition,
             condition_autoencoder=cond_ae,
             transformer=gpt,
@@ -131,13 +188,13 @@ def model_config(model: dict, config_path: Path = Path("project.yaml")) -> tuple
             pkeep=float(params.get("pkeep", 1.0)),
         )
         return config, ""
-    if target == VQMODEL:
-        return ModelConfig(first_stage=autoencoder_config(params, "model")), "first_stage_model."
+    if target in FIRST_STAGE_TARGETS:
+        return ModelConfig(first_stage=autoencoder_config(params, "model", config_path, target)), "first_stage_model."
     if target == VQSEG:
-        ae = autoencoder_config(params, "model")
-        spec = ConditionSpec(kind="segmentation", n_labels=int(params["n_labels"]), codebook_size=ae.n_embed)
+        ae = autoencoder_config(params, "model", config_path)
+        spec = ConditionSpec(kind="segmentation", n_labels=int(params["n_labels"]), codebook_size=ae.codebook_tokens)
         return ModelConfig(condition=spec, condition_autoencoder=ae), "cond_stage_model."
-    raise UserError(f"model target {target} is not supported (supported: {NET2NET}, {VQMODEL}, {VQSEG})")
+    raise UserError(f"model target {target} is not supported (supported: {NET2NET}, {VQMODEL}, {GUMBEL}, {VQSEG})")
 
 
 def load_lightning_state_dict(ckpt: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
@@ -167,8 +224,10 @@ def is_training_only(key: str) -> bool:
 
 
 def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool = False) -> ModelConfig:
-    config, prefix = model_config(read_project_yaml(project_yaml), Path(project_yaml))
+    raw = read_project_yaml(project_yaml)
+    config, prefix = model_config(raw, Path(project_yaml))
     state = {prefix + k: v for k, v in load_lightning_state_dict(ckpt, trust_pickle).items() if not is_training_only(k)}
+    state = {**remap_buffers(raw, Path(project_yaml)), **state}
     model = TamingModel(config)
     check_state_dict(model, state, str(ckpt))
     model.load_state_dict(state, strict=True)

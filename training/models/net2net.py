@@ -54,7 +54,7 @@ class TamingModel(nn.Module):
         inputs = image_tokens
         if self.training and self.config.pkeep < 1.0:
             keep = torch.bernoulli(torch.full(inputs.shape, self.config.pkeep, device=inputs.device)).bool()
-            random_tokens = torch.randint_like(inputs, self.first_stage_model.config.n_embed)
+            random_tokens = torch.randint_like(inputs, self.first_stage_model.config.codebook_tokens)
             inputs = torch.where(keep, inputs, random_tokens)
         sequence = torch.cat((cond_tokens, inputs), dim=1)
         logits, _ = self.transformer(sequence[:, :-1])

@@ -11,12 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taming_deploy.training.models.quantizer import QuantizedLatent, VectorQuantizer
+from taming_deploy.training.models.quantizer import GumbelQuantizer, QuantizedLatent, VectorQuantizer
+
+QUANTIZERS = ("vq", "gumbel")
 
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    """The original ``ddconfig`` plus codebook size and embedding width."""
+    """The original ``ddconfig`` plus codebook size and embedding width.
+
+    ``quantizer``: "vq" (VQModel) or "gumbel" (GumbelVQ, import only). ``remap_codes``: the number of
+    codes in the original's ``remap`` list (0: no remap); ``unknown_index`` as in the original.
+    """
 
     ch: int
     ch_mult: tuple[int, ...]
@@ -32,10 +38,20 @@ class AutoencoderConfig:
     double_z: bool = False
     beta: float = 0.25
     legacy: bool = True
+    quantizer: str = "vq"
+    remap_codes: int = 0
+    unknown_index: str | int = "random"
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def codebook_tokens(self) -> int:
+        """How many tokens the quantizer emits: the codebook, or the remapped codes (+1 for "extra")."""
+        if not self.remap_codes:
+            return self.n_embed
+        return self.remap_codes + (1 if self.unknown_index == "extra" else 0)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -209,9 +225,17 @@ class VQModel(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, beta=cfg.beta, legacy=cfg.legacy)
+        self.quantize: VectorQuantizer | GumbelQuantizer
+        if cfg.quantizer == "gumbel":
+            self.quantize = GumbelQuantizer(cfg.z_channels, cfg.n_embed, cfg.embed_dim, cfg.remap_codes, cfg.unknown_index)
+        else:
+            self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.legacy, cfg.remap_codes, cfg.unknown_index)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) input -> (B, h, w) tokens, without the quantized latent (the encoder graph)."""
+        return self.quantize.codes(self.quant_conv(self.encoder(x)))
 
     def encode(self, x: torch.Tensor) -> QuantizedLatent:
         return self.quantize(self.quant_conv(self.encoder(x)))

@@ -49,6 +49,8 @@ class VQGANStage:
         self.cfg, self.env, self.source = cfg, env, source
         trained = None if cfg.finetune_decoder is None else trained_first_stage(cfg.finetune_decoder)
         self.config = ModelConfig(first_stage=AutoencoderConfig.from_dict(cfg.model) if trained is None else trained.config)
+        if self.config.first_stage.quantizer != "vq":  # type: ignore[union-attr]
+            raise UserError("only vector-quantized first stages train here; Gumbel first stages are imported (import-taming)")
         self.model = TamingModel(self.config)
         self.vq = self.model.first_stage_model
         self.decoder_only = trained is not None
