@@ -25,7 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 @dataclass
 class CalibrationSet:
     images: np.ndarray  # (N, 3, H, W) float32 in [-1, 1]
-    conditions: np.ndarray | None  # (N, H, W) int64 labels, (N, 1, H, W) float32 depth, or None
+    conditions: np.ndarray | None  # (N, H, W) int64 labels, (N, 1, H, W) float32 depth, (N, 3, H, W) images, or None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -51,19 +51,21 @@ def synthetic_set(spec: ModelSpec, count: int, size: tuple[int, int], seed: int)
         conditions = np.stack([s.labels.astype(np.int64) % spec.condition.n_labels for s in scenes])
     elif kind == "depth":
         conditions = np.stack([depth_from_layout(s.labels) for s in scenes])[:, None]
+    elif kind == "image":  # image conditions are pictures too: the calibration images themselves
+        conditions = images
     return CalibrationSet(images, conditions)
 
 
 def folder_set(folder: Path, spec: ModelSpec, count: int, size: tuple[int, int]) -> CalibrationSet:
     """Images from ``folder``; conditions from ``folder/labels/<stem>.png`` (segmentation) or
-    ``folder/depth/<stem>.png`` (depth)."""
+    ``folder/depth/<stem>.png`` (depth); image conditions are the images themselves."""
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
     if not files:
         raise UserError(f"{folder}: no calibration images ({', '.join(IMAGE_SUFFIXES)})")
     images, conditions = [], []
     for path in files:
         images.append(from_pil(Image.open(path).convert("RGB").resize(size, Image.Resampling.BICUBIC)))
-        if not spec.condition.spatial:
+        if not spec.condition.spatial or spec.condition.kind == "image":
             continue
         subfolder = "labels" if spec.condition.kind == "segmentation" else "depth"
         condition_path = Path(folder) / subfolder / f"{path.stem}.png"
@@ -73,7 +75,10 @@ def folder_set(folder: Path, spec: ModelSpec, count: int, size: tuple[int, int])
             conditions.append(resize_labels(read_label_map(condition_path, spec.condition), size))
         else:
             conditions.append(resize_depth(read_depth_map(condition_path), size)[None])
-    return CalibrationSet(np.concatenate(images), np.stack(conditions) if conditions else None)
+    stacked = np.concatenate(images)
+    if spec.condition.kind == "image":
+        return CalibrationSet(stacked, stacked)
+    return CalibrationSet(stacked, np.stack(conditions) if conditions else None)
 
 
 def calibration_set(source: str, spec: ModelSpec, count: int = 8, size: tuple[int, int] | None = None, seed: int = 0) -> CalibrationSet:

@@ -2,7 +2,8 @@
 
 - encoder:      image (B, 3, H, W) float32 in [-1, 1] -> indices (B, h, w) int64
 - decoder:      indices (B, h, w) int64 -> image (B, 3, H, W) float32 (unclamped)
-- cond_encoder: labels (B, H, W) int64 class ids, or depth (B, 1, H, W) float32 in [-1, 1] -> indices (B, h, w)
+- cond_encoder: labels (B, H, W) int64 class ids, depth (B, 1, H, W) or an image (B, 3, H, W), float32 in
+                [-1, 1] -> indices (B, h, w)
 - transformer:  tokens (B, T) int64, position () int64, past_key_i / past_value_i (B, n_head, block_size,
                 head_dim) per layer i -> logits (B, V) of the last position, new_kv (n_layer, 2, B, n_head,
                 T, head_dim): the fed tokens' keys and values, which the runtime writes into its cache at
@@ -59,7 +60,7 @@ class TransformerStepGraph(nn.Module):
         return self.gpt(tokens, list(zip(past[:layers], past[layers:])), position, last_only=True)
 
 
-CONDITION_INPUTS = {"segmentation": "labels", "depth": "depth"}  # the cond_encoder graph's input, per kind
+CONDITION_INPUTS = {"segmentation": "labels", "depth": "depth", "image": "image"}  # the cond_encoder graph's input, per kind
 
 
 def past_names(n_layer: int) -> tuple[str, ...]:

@@ -82,7 +82,7 @@ def import_taming_command(
 @app.command()
 @user_errors_exit
 def generate(
-    cond: Annotated[Optional[Path], typer.Option(help="Condition map: label PNG (class ids or palette colours) or depth")] = None,
+    cond: Annotated[Optional[Path], typer.Option(help="Condition: label PNG (class ids or palette colours), depth PNG, or RGB image (see `info`)")] = None,
     class_id: Annotated[Optional[int], typer.Option(help="Class id, for class-conditional models")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Bundle or checkpoint directory [default: the embedded model]")] = None,
     backend: Annotated[str, typer.Option(help="auto, torch, ort or trt")] = "auto",

@@ -1,4 +1,4 @@
-"""Reading a user's condition (label map, depth map, class id) into what a condition encoder takes.
+"""Reading a user's condition (label map, depth map, RGB image, class id) into what a condition encoder takes.
 
 Label maps are 8-bit PNGs of class ids (mode L, or P whose indices are the ids); an RGB image is
 accepted only when the model has a palette and every pixel is exactly one of its colours.
@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from taming_deploy.errors import UserError
+from taming_deploy.images import from_pil
 from taming_deploy.spec import ConditionSpec
 
 LABEL_MODES = ("L", "P", "I", "I;16")  # I: 2-D integer arrays handed to the Python API
@@ -133,11 +134,35 @@ def read_depth_map(source: ImageSource) -> np.ndarray:
     return (2.0 * (depth - low) / max(high - low, 1e-8) - 1.0).astype(np.float32)
 
 
-def resize_depth(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (H, W) depth to ``size`` = (width, height)."""
+def resize_depth(depth: np.ndarray, size: tuple[int, int], resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+    """Resize of a (H, W) float map (bilinear by default) to ``size`` = (width, height)."""
     if depth.shape[::-1] == size:
         return depth
-    return np.asarray(Image.fromarray(depth, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.asarray(Image.fromarray(depth, mode="F").resize(size, resample), dtype=np.float32)
+
+
+def read_condition_image(source: ImageSource) -> np.ndarray:
+    """An RGB condition image (low-resolution picture, keypoint render, edge map...) -> (3, H, W) float32 in [-1, 1]."""
+    image, name = as_image(source)
+    if image.mode not in ("RGB", "RGBA", "L", "P", "LA"):
+        raise UserError(f"{name}: expected an RGB image as the condition, got mode {image.mode}")
+    return from_pil(image.convert("RGB"))[0]
+
+
+def resize_condition_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of a (3, H, W) image in [-1, 1] to ``size`` = (width, height), per channel."""
+    if image.shape[:0:-1] == size:
+        return image
+    return np.stack([resize_depth(channel, size, Image.Resampling.BICUBIC) for channel in image])
+
+
+EXPECTED_CONDITION = {
+    "segmentation": "--cond LABELS.png: 8-bit class ids (PNG mode L or P), or RGB in the model's palette",
+    "depth": "--cond DEPTH.png: 8/16-bit grayscale, or the original's RGBA-float32 PNG; min-max scaled to [-1, 1]",
+    "image": "--cond IMAGE: an RGB image, scaled to [-1, 1]; the output takes its size (or --size)",
+    "class": "--class-id N",
+    "unconditional": "no condition; --size WxH",
+}
 
 
 def check_class_id(class_id: int, spec: ConditionSpec) -> None:

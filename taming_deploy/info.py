@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 from taming_deploy.bundle import Bundle
+from taming_deploy.conditions import EXPECTED_CONDITION
 from taming_deploy.errors import UserError
 from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, is_bundle, is_checkpoint
 from taming_deploy.spec import ModelSpec
@@ -38,6 +39,7 @@ def describe_spec(spec: ModelSpec) -> list[str]:
         cond += f", codebook {c.codebook_size}"
     return [
         f"condition:    {cond}" + (f" ({', '.join(c.label_names)})" if c.label_names else ""),
+        f"expects:      {EXPECTED_CONDITION[c.kind]}",
         f"first stage:  downsampling x{spec.downsample_factor}, codebook {spec.image_codebook_size}",
         f"transformer:  {spec.n_layer} layers, {spec.n_head} heads, width {spec.n_embd}, block {spec.block_size}, vocab {spec.vocab_size}",
         f"window:       {spec.window[0]}x{spec.window[1]} latent cells",
@@ -83,6 +85,7 @@ def describe_checkpoint(path: Path) -> list[str]:
         lines.append(f"first stage:  downsampling x{2 ** (len(fs['ch_mult']) - 1)}, codebook {fs['n_embed']}")
         lines.append(f"transformer:  {tr['n_layer']} layers, {tr['n_head']} heads, width {tr['n_embd']}, block {tr['block_size']}")
         lines.append(f"condition:    {config['condition']['kind']}")
+        lines.append(f"expects:      {EXPECTED_CONDITION[config['condition']['kind']]}")
     return lines
 
 

@@ -15,8 +15,10 @@ from taming_deploy.backends.base import Backend
 from taming_deploy.conditions import (
     ImageSource,
     check_class_id,
+    read_condition_image,
     read_depth_map,
     read_label_map,
+    resize_condition_image,
     resize_depth,
     resize_labels,
     snap_size,
@@ -70,10 +72,14 @@ class Pipeline:
                 labels = read_label_map(cond, cspec)
                 width, height = snap_size(*(size or labels.shape[::-1]), factor)
                 array = resize_labels(labels, (width, height))[None]
-            else:
+            elif cspec.kind == "depth":
                 depth = read_depth_map(cond)
                 width, height = snap_size(*(size or depth.shape[::-1]), factor)
                 array = resize_depth(depth, (width, height))[None, None]
+            else:
+                image = read_condition_image(cond)
+                width, height = snap_size(*(size or image.shape[:0:-1]), factor)
+                array = resize_condition_image(image, (width, height))[None]
             return self.backend.condition_tokens(array), (height // factor, width // factor)
         width, height = snap_size(*(size or (self.spec.window[1] * factor, self.spec.window[0] * factor)), factor)
         latent = (height // factor, width // factor)

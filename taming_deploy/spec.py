@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-ConditionKind = Literal["segmentation", "depth", "class", "unconditional"]
-SPATIAL_KINDS = ("segmentation", "depth")
+ConditionKind = Literal["segmentation", "depth", "image", "class", "unconditional"]
+SPATIAL_KINDS = ("segmentation", "depth", "image")  # image: an RGB picture (super-resolution, keypoints, edges)
 
 
 @dataclass(frozen=True)
 class ConditionSpec:
     kind: ConditionKind
-    codebook_size: int | None = None  # VQ conditions (segmentation, depth)
+    codebook_size: int | None = None  # VQ conditions (segmentation, depth, image)
     n_labels: int | None = None  # segmentation
     label_names: tuple[str, ...] | None = None
     palette: tuple[tuple[int, int, int], ...] | None = None  # RGB per label id

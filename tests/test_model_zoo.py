@@ -57,3 +57,23 @@ def test_gumbel_first_stage_with_segmentation_condition(tmp_path):
     segmentation = vq_stage(VQSEG, n_embed=16, in_channels=5, out_ch=5)
     project = net2net_project(vq_stage(GUMBEL, n_embed=32, embed_dim=8), segmentation, "segmentation", gpt())
     deploys_like_the_original(tmp_path, project, label_map(tmp_path / "labels.png", 5))
+
+
+def rgb_picture(path: Path, height: int = 32, width: int = 48) -> Path:
+    rows, cols = np.mgrid[0:height, 0:width]
+    rgb = np.stack([rows * 255 // height, cols * 255 // width, (rows * cols) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def test_image_condition_encoded_by_the_first_stage_itself(tmp_path):
+    """cond_stage_config: __is_first_stage__ (e.g. super-resolution from an upscaled low-resolution picture)."""
+    project = net2net_project(vq_stage(), "__is_first_stage__", "lr", gpt())
+    deploys_like_the_original(tmp_path, project, rgb_picture(tmp_path / "picture.png"))
+
+
+def test_image_condition_from_a_3_channel_vq_condition_stage(tmp_path):
+    """A VQModel condition with in_channels 3 (keypoint renders, edge maps), resized by --size."""
+    project = net2net_project(vq_stage(), vq_stage(VQMODEL, n_embed=16), "keypoints", gpt())
+    tokens = deploys_like_the_original(tmp_path, project, rgb_picture(tmp_path / "picture.png", 20, 30), size=(48, 32))
+    assert tokens.shape == (1, 16, 24)

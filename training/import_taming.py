@@ -27,6 +27,7 @@ VQMODEL = "taming.models.vqgan.VQModel"
 VQSEG = "taming.models.vqgan.VQSegmentationModel"
 GUMBEL = "taming.models.vqgan.GumbelVQ"
 FIRST_STAGE_TARGETS = (VQMODEL, GUMBEL)
+SUPPORTED_CONDITIONS = "segmentation, depth, image (__is_first_stage__ or a 3-channel VQModel), class, unconditional"
 SOS = "taming.modules.util.SOSProvider"
 LABELATOR = "taming.modules.util.Labelator"
 GPT_TARGET = "taming.modules.transformer.mingpt.GPT"
@@ -125,14 +126,16 @@ def remap_buffers(model: dict, config_path: Path) -> dict[str, torch.Tensor]:
     return buffers
 
 
-def condition_config(model: dict, config_path: Path) -> tuple[ConditionSpec, AutoencoderConfig | None]:
+def condition_config(model: dict, config_path: Path, first_stage: AutoencoderConfig) -> tuple[ConditionSpec, AutoencoderConfig | None]:
     params = model.get("params", {})
     cond = params.get("cond_stage_config")
     key = params.get("cond_stage_key", "depth")
     if params.get("unconditional") or cond == "__is_unconditional__":
         return ConditionSpec(kind="unconditional", sos_token=int(params.get("sos_token", 0))), None
-    if cond == "__is_first_stage__" or not isinstance(cond, dict):
-        raise UserError(f"condition stage {cond!r} is not supported (supported: segmentation, depth, class, unconditional)")
+    if cond == "__is_first_stage__":  # the condition is an image, encoded by the first stage itself
+        return ConditionSpec(kind="image", codebook_size=first_stage.codebook_tokens), first_stage
+    if not isinstance(cond, dict):
+        raise UserError(f"condition stage {cond!r} is not supported (supported: {SUPPORTED_CONDITIONS})")
     target, cparams = cond.get("target"), cond.get("params", {})
     if target == SOS:
         return ConditionSpec(kind="unconditional", sos_token=int(cparams.get("sos_token", 0))), None
@@ -146,8 +149,10 @@ def condition_config(model: dict, config_path: Path) -> tuple[ConditionSpec, Aut
             return ConditionSpec(kind="segmentation", n_labels=n_labels, codebook_size=ae.codebook_tokens), ae
         if ae.in_channels == 1:
             return ConditionSpec(kind="depth", codebook_size=ae.codebook_tokens), ae
-        raise UserError(f"a {ae.in_channels}-channel VQ condition ({key}) is not supported (supported: segmentation, depth)")
-    raise UserError(f"condition stage {target} is not supported (supported: segmentation, depth, class, unconditional)")
+        if ae.in_channels == 3:
+            return ConditionSpec(kind="image", codebook_size=ae.codebook_tokens), ae
+        raise UserError(f"a {ae.in_channels}-channel VQ condition ({key}) is not supported (supported: label maps, 1-channel depth, 3-channel images)")
+    raise UserError(f"condition stage {target} is not supported (supported: {SUPPORTED_CONDITIONS})")
 
 
 def largest_window(block_size: int, spatial: bool, limit: int = 16) -> tuple[int, int]:
@@ -174,13 +179,14 @@ def model_config(model: dict, config_path: Path = Path("project.yaml")) -> tuple
         tparams = dict(tcfg["params"])
         if int(tparams.pop("n_unmasked", 0)) != 0:
             raise UserError("n_unmasked != 0 is not supported")
-        condition, cond_ae = condition_config(model, config_path)
+        first_stage = first_stage_config(params["first_stage_config"], config_path)
+        condition, cond_ae = condition_config(model, config_path, first_stage)
         unknown = sorted(set(tparams) - set(GPTConfig.__dataclass_fields__))
         if unknown:
             raise UserError(f"transformer_config: unsupported parameters {', '.join(unknown)}")
         gpt = GPTConfig(**tparams)
         config = ModelConfig(
-            first_stage=first_stage_config(params["first_stage_config"], config_path),
+            first_stage=first_stage,
             condition=condition,
             condition_autoencoder=cond_ae,
             transformer=gpt,
@@ -228,6 +234,9 @@ def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool 
     config, prefix = model_config(raw, Path(project_yaml))
     state = {prefix + k: v for k, v in load_lightning_state_dict(ckpt, trust_pickle).items() if not is_training_only(k)}
     state = {**remap_buffers(raw, Path(project_yaml)), **state}
+    if raw.get("params", {}).get("cond_stage_config") == "__is_first_stage__" and not any(k.startswith("cond_stage_model.") for k in state):
+        # the original registers its first stage again as the condition stage; a stripped checkpoint may lack the copy
+        state.update({"cond_stage_model." + k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")})
     model = TamingModel(config)
     check_state_dict(model, state, str(ckpt))
     model.load_state_dict(state, strict=True)

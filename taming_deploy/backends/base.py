@@ -19,7 +19,7 @@ class Backend(Protocol):
     spec: ModelSpec
 
     def condition_tokens(self, condition: np.ndarray) -> np.ndarray:
-        """Spatial conditions only: labels (N, H, W) int64, or depth (N, 1, H, W) float32 in [-1, 1]
+        """Spatial conditions only: labels (N, H, W) int64, depth (N, 1, H, W) or images (N, 3, H, W) float32 in [-1, 1]
         -> (N, H/f, W/f) int64 condition tokens."""
         ...
 

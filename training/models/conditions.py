@@ -1,7 +1,8 @@
 """Condition stages: what turns a user's condition into the tokens prepended to the image tokens.
 
 - segmentation: a VQ autoencoder on one-hot label maps; input (B, H, W) class ids -> (B, h, w) tokens
-- depth: a VQ autoencoder on 1-channel depth in [-1, 1]; input (B, 1, H, W) -> (B, h, w) tokens
+- depth / image: a VQ autoencoder on a continuous map in [-1, 1]: 1-channel depth, or an RGB image
+  (``__is_first_stage__``: a copy of the first stage); input (B, C, H, W) -> (B, h, w) tokens
 - class: one token, the class id; input (B,) ints -> (B, 1)
 - unconditional: one constant SOS token; input: the batch size -> (B, 1)
 The last two have no parameters, so no ``cond_stage_model.`` keys exist for them.
@@ -19,9 +20,11 @@ class SegmentationCondition(SegmentationVQModel):
         return self.encode(self.one_hot(labels)).indices
 
 
-class DepthCondition(VQModel):
-    def condition_tokens(self, depth: torch.Tensor) -> torch.Tensor:
-        return self.encode(depth).indices
+class MapCondition(VQModel):
+    """Depth or image conditions: the VQ autoencoder's codes of the map itself."""
+
+    def condition_tokens(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.codes(condition)
 
 
 class ClassCondition(nn.Module):
@@ -42,4 +45,4 @@ class UnconditionalCondition(nn.Module):
         return torch.full((batch_size, 1), self.sos_token, dtype=torch.long, device=None)
 
 
-ConditionStage = SegmentationCondition | DepthCondition | ClassCondition | UnconditionalCondition
+ConditionStage = SegmentationCondition | MapCondition | ClassCondition | UnconditionalCondition

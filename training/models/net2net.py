@@ -13,7 +13,7 @@ from taming_deploy.training.config import ModelConfig
 from taming_deploy.training.models.conditions import (
     ClassCondition,
     ConditionStage,
-    DepthCondition,
+    MapCondition,
     SegmentationCondition,
     UnconditionalCondition,
 )
@@ -27,9 +27,9 @@ def build_condition_stage(config: ModelConfig) -> ConditionStage:
     if cond.kind == "segmentation":
         assert config.condition_autoencoder is not None
         return SegmentationCondition(config.condition_autoencoder)
-    if cond.kind == "depth":
+    if cond.kind in ("depth", "image"):
         assert config.condition_autoencoder is not None
-        return DepthCondition(config.condition_autoencoder)
+        return MapCondition(config.condition_autoencoder)
     if cond.kind == "class":
         assert cond.n_classes is not None
         return ClassCondition(cond.n_classes)
