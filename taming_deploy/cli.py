@@ -178,12 +178,28 @@ def export_command(
 
 @app.command()
 @user_errors_exit
-def info(path: Annotated[Path, typer.Argument(help="A bundle or a checkpoint directory")]) -> None:
-    """Print what a bundle or checkpoint holds."""
-    from taming_deploy.info import describe
+def info(
+    path: Annotated[Optional[Path], typer.Argument(help="A bundle or a checkpoint directory [default: the embedded model]")] = None,
+    legend: Annotated[Optional[Path], typer.Option(help="Also draw the model's labels (id, name, colour swatch) into this PNG")] = None,
+) -> None:
+    """Print what a bundle or checkpoint holds, with the id, name and colour of every label."""
+    from taming_deploy.info import describe, model_condition
 
     for line in describe(path):
         typer.echo(line)
+    if legend is not None:
+        write_legend(model_condition(path), legend)
+        typer.echo(f"wrote {legend}")
+
+
+def write_legend(cond: Any, out: Path) -> None:
+    """``info --legend``: the label swatches of ``cond`` (a ConditionSpec) as a PNG."""
+    from taming_deploy.fileutil import atomic_file
+    from taming_deploy.labels import legend_image
+
+    image = legend_image(cond)
+    with atomic_file(out) as tmp:
+        image.save(tmp, format="PNG")
 
 
 @app.command()
