@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from taming_deploy.bundle import Bundle
+from taming_deploy.labels import palette_template
+from taming_deploy.model_paths import DEFAULT_MODEL
 from taming_deploy.training.data.sources import VALIDATION_SEED_BASE
 from taming_deploy.training.data.synthetic_landscapes import PALETTE, colorize, render_scene
 
@@ -36,6 +39,8 @@ def main() -> None:
     # the same map drawn as plain RGB in the palette colours: also accepted by `generate --cond`
     first = render_scene(VALIDATION_SEED_BASE + 1000 + EXAMPLES["landscape_01.png"][0], 256, 256)
     Image.fromarray(colorize(first.labels)).save(HERE / "landscape_01_rgb.png")
+    # a blank map to paint on: all sky (id 0), an indexed PNG whose palette is the embedded model's
+    palette_template(Bundle(DEFAULT_MODEL).spec.condition, (512, 256)).save(HERE / "palette_template.png")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from taming_deploy.errors import UserError
 from taming_deploy.images import from_pil
+from taming_deploy.labels import palette_listing
 from taming_deploy.spec import ConditionSpec
 
 LABEL_MODES = ("L", "P", "I", "I;16")  # I: 2-D integer arrays handed to the Python API
@@ -31,7 +32,8 @@ def open_image(path: Path) -> Image.Image:
     return image
 
 
-def labels_from_palette_colours(rgb: np.ndarray, palette: tuple[tuple[int, int, int], ...], source: str) -> np.ndarray:
+def labels_from_palette_colours(rgb: np.ndarray, palette: tuple[tuple[int, int, int], ...], source: str,
+                                names: tuple[str, ...] | None = None) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) ids, when every pixel is exactly a palette colour."""
     codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     palette_codes = np.array([(r << 16) | (g << 8) | b for r, g, b in palette], dtype=np.int64)
@@ -43,7 +45,8 @@ def labels_from_palette_colours(rgb: np.ndarray, palette: tuple[tuple[int, int, 
         shown = ", ".join(f"#{c:06x}" for c in bad[:8]) + (f" ... ({len(bad)} colours)" if len(bad) > 8 else "")
         raise UserError(
             f"{source}: {int((~exact).sum())} pixels have colours that are not in the model's palette ({shown}); "
-            "draw with the palette's exact colours (no anti-aliasing) or pass an 8-bit class-id map"
+            "draw with the palette's exact colours (no anti-aliasing) or pass an 8-bit class-id map; "
+            f"the palette: {palette_listing(palette, names)}"
         )
     return order[found]
 
@@ -53,7 +56,7 @@ def label_ids(image: Image.Image, spec: ConditionSpec, source: str) -> np.ndarra
         ids = np.asarray(image).astype(np.int64)
     elif image.mode in ("RGB", "RGBA") and spec.palette is not None:
         rgb = np.asarray(image.convert("RGB"))
-        ids = labels_from_palette_colours(rgb, spec.palette, source)
+        ids = labels_from_palette_colours(rgb, spec.palette, source, spec.label_names)
     else:
         hint = "" if spec.palette is None else " or an RGB image in the model's palette"
         raise UserError(

@@ -8,8 +8,9 @@ from pathlib import Path
 from taming_deploy.bundle import Bundle
 from taming_deploy.conditions import EXPECTED_CONDITION
 from taming_deploy.errors import UserError
-from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, is_bundle, is_checkpoint
-from taming_deploy.spec import ModelSpec
+from taming_deploy.labels import label_lines
+from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, DEFAULT_MODEL, is_bundle, is_checkpoint
+from taming_deploy.spec import ConditionSpec, ModelSpec
 
 
 def safetensors_header(path: Path) -> dict:
@@ -43,7 +44,7 @@ def describe_spec(spec: ModelSpec) -> list[str]:
         f"first stage:  downsampling x{spec.downsample_factor}, codebook {spec.image_codebook_size}",
         f"transformer:  {spec.n_layer} layers, {spec.n_head} heads, width {spec.n_embd}, block {spec.block_size}, vocab {spec.vocab_size}",
         f"window:       {spec.window[0]}x{spec.window[1]} latent cells",
-    ]
+    ] + label_lines(c)
 
 
 def describe_bundle(path: Path) -> list[str]:
@@ -86,10 +87,28 @@ def describe_checkpoint(path: Path) -> list[str]:
         lines.append(f"transformer:  {tr['n_layer']} layers, {tr['n_head']} heads, width {tr['n_embd']}, block {tr['block_size']}")
         lines.append(f"condition:    {config['condition']['kind']}")
         lines.append(f"expects:      {EXPECTED_CONDITION[config['condition']['kind']]}")
+    if "condition" in config:
+        lines += label_lines(ConditionSpec.from_dict(config["condition"]))
     return lines
 
 
-def describe(path: Path) -> list[str]:
+def model_condition(path: Path | None) -> ConditionSpec:
+    """The condition a bundle or checkpoint takes (None: the embedded model), read without torch."""
+    path = DEFAULT_MODEL if path is None else Path(path)
+    if is_bundle(path):
+        return Bundle(path).spec.condition
+    if is_checkpoint(path):
+        config = json.loads((path / CHECKPOINT_CONFIG).read_text())
+        if "condition" not in config:
+            raise UserError(f"{path}: the checkpoint holds no condition stage")
+        return ConditionSpec.from_dict(config["condition"])
+    raise UserError(f"{path}: neither a bundle (manifest.json) nor a checkpoint (config.json + model.safetensors)")
+
+
+def describe(path: Path | None) -> list[str]:
+    """What ``path`` holds; None: the embedded default model (and where it is installed)."""
+    if path is None:
+        return [f"the embedded default model (used when --model is omitted), installed at {DEFAULT_MODEL}"] + describe_bundle(DEFAULT_MODEL)
     path = Path(path)
     if is_bundle(path):
         return describe_bundle(path)

@@ -5,7 +5,8 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 
@@ -18,22 +19,30 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:,.1f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
 
 
+class CountColumn(ProgressColumn):
+    """``done/total``; nothing until the total is known (rich's own column shows ``0/?``)."""
+
+    def render(self, task: Task) -> Text:
+        return Text("" if task.total is None else f"{int(task.completed)}/{int(task.total)}")
+
+
 ProgressCallback = Callable[..., None]  # (done, total, info="")
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, unit: str, enabled: bool | None = None) -> Iterator[ProgressCallback]:
+def progress_bar(description: str, unit: str, enabled: bool | None = None, stderr: bool = False) -> Iterator[ProgressCallback]:
     """Yield ``update(done, total, info="")``; draws a bar with rate, ETA and ``info`` (e.g. the loss)
-    when stdout is a terminal (or ``enabled``)."""
+    when its stream (stdout, or stderr with ``stderr``) is a terminal (or ``enabled``)."""
+    stream = sys.stderr if stderr else sys.stdout
     if enabled is None:
-        enabled = sys.stdout.isatty()
+        enabled = stream.isatty()
     if not enabled:
         yield lambda done, total, info="": None
         return
     columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit), TimeRemainingColumn(),
+        TextColumn("{task.description}"), BarColumn(), CountColumn(), RateColumn(unit), TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, transient=False, console=Console(file=stream)) as progress:
         task = progress.add_task(description, total=None, info="")
         yield lambda done, total, info="": progress.update(task, completed=done, total=total, info=info)

@@ -1,6 +1,7 @@
 """Evaluation: metrics on hand-made inputs, the shipped segmenter, and the eval plumbing on tiny models."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -203,7 +204,7 @@ class FakePipeline:
         self.spec = SimpleNamespace(downsample_factor=8, condition=condition)
         self.backend = SimpleNamespace(name="fake")
 
-    def generate(self, labels, *, seed, top_k, mode):
+    def generate(self, labels, *, seed, top_k, mode, on_token=None):
         height, width = labels.shape
         for k in range(64):
             scene = render_scene(VALIDATION_SEED_BASE + k, height, width)
@@ -253,6 +254,60 @@ def test_run_eval_on_a_tiny_random_complete_checkpoint(tmp_path, segmenter):
     assert any("PSNR" in line for line in lines) and any(line.strip().startswith("64x32") for line in lines)
     again = ev.evaluate_label_following(model, ((32, 32),), count=2, segmenter=segmenter)
     assert again["sizes"][0]["generated"] == rows[0]["generated"]  # same seeds, same images
+
+
+class RecordingBars:
+    """A progress-bar factory that keeps every bar's description and updates."""
+
+    def __init__(self):
+        self.updates: dict[str, list[tuple[int, int]]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, description, unit):
+        self.updates[description] = []
+        yield lambda done, total, info="": self.updates[description].append((done, total))
+
+
+def test_run_eval_reports_each_part_as_it_finishes(tmp_path):
+    """Each part's lines reach ``echo`` (and the JSON file) before the next part starts; one bar per part."""
+    model = tiny_complete_checkpoint(tmp_path / "model")
+    json_path = tmp_path / "eval.json"
+    seen_on_disk = {}
+
+    def echo(line):
+        if line.startswith("label following") or line.strip().startswith("64x32"):
+            seen_on_disk[line.split()[0]] = json.loads(json_path.read_text())  # written after the previous part
+
+    bars = RecordingBars()
+    lines = ev.run_eval(model, recon_count=3, recon_size=32, label_count=2, sizes="32x32,64x32", json_out=json_path,
+                        bar=bars, echo=echo)
+    before_labels, before_second_size = seen_on_disk["label"], seen_on_disk["64x32"]
+    assert "reconstruction" in before_labels and "label_following" not in before_labels
+    assert [row["size"] for row in before_second_size["label_following"]["sizes"]] == [[32, 32]]
+    final = json.loads(json_path.read_text())
+    assert [row["size"] for row in final["label_following"]["sizes"]] == [[32, 32], [64, 32]]
+    assert lines == ev.format_table(final) + [f"results written to {json_path}"]
+    assert list(bars.updates) == ["reconstruction 32x32", "label following 32x32", "label following 64x32"]
+    assert bars.updates["reconstruction 32x32"][-1] == (3, 3)
+    tokens_per_map = (32 // 2) * (64 // 2)  # tiny model: f=2
+    assert bars.updates["label following 64x32"][-1] == (2 * tokens_per_map, 2 * tokens_per_map)
+    done = [d for d, _ in bars.updates["label following 64x32"]]
+    assert done == sorted(done) and len(done) > 2 * tokens_per_map  # per token, never backwards
+
+
+def test_eval_cli_quick_preset_and_explicit_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from taming_deploy.cli import app
+
+    model = tiny_complete_checkpoint(tmp_path / "model")
+    result = CliRunner().invoke(app, ["eval", "--quick", "--model", str(model), "--count", "1", "--size", "32",
+                                      "--sizes", "32x32", "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["reconstruction"]["count"] == 1  # given explicitly
+    assert written["label_following"]["sizes"][0]["count"] == ev.QUICK["label_count"]  # from --quick
+    assert "PSNR" in result.stdout
 
 
 def test_eval_refuses_bad_input(tmp_path):

@@ -28,15 +28,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ContextManager, Literal
 
 import numpy as np
 import torch
 
 from taming_deploy.errors import UserError
+from taming_deploy.fileutil import atomic_file
 from taming_deploy.spec import ConditionSpec
 from taming_deploy.model_paths import DEFAULT_MODEL, is_bundle, is_checkpoint
-from taming_deploy.training.data.sources import VALIDATION_SEED_BASE, SyntheticLandscapes
+from taming_deploy.progress import ProgressCallback
+from taming_deploy.training.data.sources import VALIDATION_SEED_BASE, to_model_range
 from taming_deploy.training.data.synthetic_landscapes import LABELS, colorize, render_scene
 from taming_deploy.training.evaluation.metrics import confusion_matrix, lpips_per_image, psnr_per_image, segmentation_scores
 from taming_deploy.training.evaluation.segmenter import Segmenter, load_segmenter, segment, uint8_to_model
@@ -44,13 +46,29 @@ from taming_deploy.training.evaluation.segmenter import Segmenter, load_segmente
 What = Literal["all", "reconstruction", "labels"]
 WHATS = ("all", "reconstruction", "labels")
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((256, 256), (512, 256))  # (width, height)
-# The goals of issue 6 for the default model; shown beside the measured numbers, never enforced.
+# The quality goals set for the embedded default model; shown beside the measured numbers, never enforced.
 TARGETS = {"psnr": 26.0, "lpips": 0.15, "miou": 0.5}
 
-Progress = Callable[[str], None]
+# A progress bar factory: ``bar(description, unit)`` is a context manager yielding
+# ``update(done, total, info="")`` (``taming_deploy.progress.progress_bar`` has this form).
+ProgressBar = Callable[[str, str], ContextManager[ProgressCallback]]
+# Told after each part (the reconstruction, each label-following size): (results so far, that part's lines).
+PartDone = Callable[[dict, list[str]], None]
+# What ``eval`` measures by default, and with ``--quick`` (a few minutes on 2 cores, measured in the README).
+FULL = {"recon_count": 64, "label_count": 8, "sizes": DEFAULT_SIZES}
+QUICK = {"recon_count": 16, "label_count": 2, "sizes": ((256, 256),)}
 
 
-def _quiet(_: str) -> None:
+@contextlib.contextmanager
+def no_bar(description: str, unit: str) -> Iterator[ProgressCallback]:
+    yield lambda done, total, info="": None
+
+
+def _ignore_part(results: dict, lines: list[str]) -> None:
+    pass
+
+
+def _ignore_line(line: str) -> None:
     pass
 
 
@@ -111,12 +129,13 @@ def _reconstructor(path: Path, backend: str) -> tuple[Callable[[np.ndarray], np.
     return (lambda images: np.clip(runner.decode(runner.encode(images)), -1, 1)), runner.name, runner.spec.downsample_factor
 
 
-def evaluate_reconstruction(path: Path | str | None, count: int = 64, size: int = 256, batch_size: int = 8,
-                            backend: str = "auto", progress: Progress = _quiet) -> dict:
+def evaluate_reconstruction(path: Path | str | None, count: int = 64, size: int = 256, batch_size: int = 4,
+                            backend: str = "auto", bar: ProgressBar = no_bar) -> dict:
     """PSNR and LPIPS of first-stage reconstructions of ``count`` held-out ``size`` x ``size`` scenes.
 
     ``path``: a checkpoint with a first stage (run on torch) or an exported bundle (its encoder and
-    decoder on ``backend``); None: the embedded default model.
+    decoder on ``backend``); None: the embedded default model. Scenes are rendered one batch at a
+    time, so memory is set by ``batch_size``, not by ``count``.
     """
     from taming_deploy.training.losses.lpips import load_lpips
 
@@ -128,14 +147,16 @@ def evaluate_reconstruction(path: Path | str | None, count: int = 64, size: int 
         raise UserError(f"image size {size} is not a multiple of the first stage's downsampling factor {factor}")
     lpips = load_lpips()
     started = time.perf_counter()
-    batch = SyntheticLandscapes().validation(count, size)
     psnrs, distances = [], []
-    for start in range(0, count, batch_size):
-        originals = batch.images[start : start + batch_size]
-        reconstructions = reconstruct(originals)
-        psnrs.append(psnr_per_image(reconstructions, originals))
-        distances.append(lpips_per_image(lpips, torch.from_numpy(reconstructions), torch.from_numpy(originals), batch_size))
-        progress(f"reconstruction: {min(start + batch_size, count)}/{count} images")
+    with bar(f"reconstruction {size}x{size}", "img") as update:
+        update(0, count)
+        for start in range(0, count, batch_size):
+            seeds = range(VALIDATION_SEED_BASE + start, VALIDATION_SEED_BASE + min(start + batch_size, count))
+            originals = to_model_range(np.stack([render_scene(seed, size, size).image for seed in seeds]))
+            reconstructions = reconstruct(originals)
+            psnrs.append(psnr_per_image(reconstructions, originals))
+            distances.append(lpips_per_image(lpips, torch.from_numpy(reconstructions), torch.from_numpy(originals), batch_size))
+            update(start + len(seeds), count)
     psnr, lpips_d = np.concatenate(psnrs), np.concatenate(distances)
     return {
         "model": str(path),
@@ -168,8 +189,9 @@ def _save_example(directory: Path, size: tuple[int, int], k: int, labels: np.nda
 def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
                              count: int = 8, seed: int = 0, backend: str = "auto", mode: str = "exact",
                              top_k: int | None = 100, segmenter: Segmenter | None = None,
-                             save_dir: Path | None = None, progress: Progress = _quiet, pipeline=None,
-                             reconstruct: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+                             save_dir: Path | None = None, bar: ProgressBar = no_bar, pipeline=None,
+                             reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
+                             on_size: Callable[[dict], None] | None = None) -> dict:
     """Pixel accuracy and mIoU of the segmenter on generated images against their input label maps.
 
     ``sizes``: (width, height) pairs, multiples of the model's downsampling factor; for each, the label
@@ -179,7 +201,8 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
     ``Pipeline`` (or anything with its ``spec``, ``backend.name`` and ``generate``) to use instead of
     loading ``model_path`` with ``backend``. ``reconstruct``: the model's first stage, images (B, 3, H, W)
     in [-1, 1] -> reconstructions; when given, each size also reports "reconstructed", the segmenter's
-    scores on reconstructions of the real renders.
+    scores on reconstructions of the real renders. ``on_size``: called with the results so far after
+    each size (the returned dict, its "sizes" filled up to that size).
     """
     from taming_deploy.pipeline import Pipeline
 
@@ -199,33 +222,48 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
         if width < factor or height < factor or width % factor or height % factor:
             raise UserError(f"size {width}x{height} is not a positive multiple of the model's downsampling factor {factor}")
     n_classes = segmenter.config.n_classes
-    results = []
+    results: list[dict] = []
+    summary = {
+        "model": str(path),
+        "backend": pipeline.backend.name,
+        "mode": mode,
+        "top_k": top_k,
+        "seed": seed,
+        "seeds": [VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + count - 1],
+        "sizes": results,
+    }
     for width, height in sizes:
         generated_cm = np.zeros((n_classes, n_classes), np.int64)
         real_cm = np.zeros((n_classes, n_classes), np.int64)
         reconstructed_cm = np.zeros((n_classes, n_classes), np.int64)
         sample_seconds = decode_seconds = 0.0
         started = time.perf_counter()
-        for k in range(count):
-            scene = render_scene(VALIDATION_SEED_BASE + k, height, width)
-            generation = pipeline.generate(scene.labels, seed=seed + k, top_k=top_k, mode=mode)  # type: ignore[arg-type]
-            sample_seconds += generation.stats["sample_seconds"]
-            decode_seconds += generation.stats["decode_seconds"]
-            image = np.asarray(generation.images[0].convert("RGB"))
-            if image.shape[:2] != scene.labels.shape:
-                raise UserError(f"the model generated a {image.shape[1]}x{image.shape[0]} image for a {width}x{height} map")
-            inputs = uint8_to_model(np.stack([image, scene.image]))
-            if reconstruct is not None:
-                inputs = torch.cat([inputs, torch.from_numpy(reconstruct(inputs[1:].numpy()))])
-            seen = segment(segmenter, inputs)
-            generated_cm += confusion_matrix(seen[0], scene.labels, n_classes)
-            real_cm += confusion_matrix(seen[1], scene.labels, n_classes)
-            if reconstruct is not None:
-                reconstructed_cm += confusion_matrix(seen[2], scene.labels, n_classes)
-            if save_dir is not None:
-                _save_example(Path(save_dir), (width, height), k, scene.labels, scene.image, image, seen[0], seen[1])
-            progress(f"label following {width}x{height}: {k + 1}/{count} images, "
-                     f"{time.perf_counter() - started:.0f} s")
+        per_map = (height // factor) * (width // factor)
+        with bar(f"label following {width}x{height}", "tok") as update:
+            update(0, count * per_map, f"map 1/{count}")
+            for k in range(count):
+                def on_token(done: int, _total: int, k: int = k) -> None:
+                    update(k * per_map + done, count * per_map, f"map {k + 1}/{count}")
+
+                scene = render_scene(VALIDATION_SEED_BASE + k, height, width)
+                generation = pipeline.generate(scene.labels, seed=seed + k, top_k=top_k, mode=mode,  # type: ignore[arg-type]
+                                               on_token=on_token)
+                sample_seconds += generation.stats["sample_seconds"]
+                decode_seconds += generation.stats["decode_seconds"]
+                image = np.asarray(generation.images[0].convert("RGB"))
+                if image.shape[:2] != scene.labels.shape:
+                    raise UserError(f"the model generated a {image.shape[1]}x{image.shape[0]} image for a {width}x{height} map")
+                inputs = uint8_to_model(np.stack([image, scene.image]))
+                if reconstruct is not None:
+                    inputs = torch.cat([inputs, torch.from_numpy(reconstruct(inputs[1:].numpy()))])
+                seen = segment(segmenter, inputs)
+                generated_cm += confusion_matrix(seen[0], scene.labels, n_classes)
+                real_cm += confusion_matrix(seen[1], scene.labels, n_classes)
+                if reconstruct is not None:
+                    reconstructed_cm += confusion_matrix(seen[2], scene.labels, n_classes)
+                if save_dir is not None:
+                    _save_example(Path(save_dir), (width, height), k, scene.labels, scene.image, image, seen[0], seen[1])
+                update((k + 1) * per_map, count * per_map, f"map {k + 1}/{count}")
         results.append({
             "size": [width, height],
             "count": count,
@@ -236,15 +274,9 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
             "decode_seconds_per_image": round(decode_seconds / count, 2),
             "seconds": round(time.perf_counter() - started, 2),
         })
-    return {
-        "model": str(path),
-        "backend": pipeline.backend.name,
-        "mode": mode,
-        "top_k": top_k,
-        "seed": seed,
-        "seeds": [VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + count - 1],
-        "sizes": results,
-    }
+        if on_size is not None:
+            on_size(summary)
+    return summary
 
 
 # --- everything a path supports -------------------------------------------------------------------------
@@ -300,11 +332,14 @@ def _label_mismatch(cond: ConditionSpec) -> str:
 def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64, recon_size: int = 256,
              label_count: int = 8, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0,
              backend: str = "auto", mode: str = "exact", top_k: int | None = 100, save_dir: Path | None = None,
-             threads: int | None = None, progress: Progress = _quiet) -> tuple[dict, list[str]]:
+             threads: int | None = None, bar: ProgressBar = no_bar,
+             on_part: PartDone = _ignore_part) -> tuple[dict, list[str]]:
     """Run the evaluations ``what`` asks for ("all": whatever the path supports); (results, table lines).
 
     All arguments are checked before anything slow runs. ``threads``: torch threads for the run (see
-    :func:`torch_threads`); None keeps torch's setting.
+    :func:`torch_threads`); None keeps torch's setting. ``on_part`` is told as soon as each part is
+    done (first the header, then the reconstruction, then each label-following size, then the
+    closing lines): together its lines are the returned table.
     """
     if what not in WHATS:
         raise UserError(f"what must be one of {', '.join(WHATS)}, got {what!r}")
@@ -335,56 +370,87 @@ def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64,
         results["notes"].append(f"label following not measured: {found.why_not_labels}")
     if what == "all" and not found.reconstruction:
         results["notes"].append("reconstruction not measured: no first stage")
+    lines: list[str] = []
+
+    def part_done(new_lines: list[str]) -> None:
+        lines.extend(new_lines)
+        on_part(results, new_lines)
+
+    def size_done(follow: dict) -> None:
+        results["label_following"] = follow
+        row_lines = [format_label_row(follow["sizes"][-1])]
+        part_done((format_label_header(follow) if len(follow["sizes"]) == 1 else []) + row_lines)
+
     with torch_threads(threads):
         results["torch_threads"] = torch.get_num_threads()
+        part_done(format_header(results))
         if run_reconstruction:
-            results["reconstruction"] = evaluate_reconstruction(path, recon_count, recon_size, backend=backend,
-                                                                progress=progress)
+            results["reconstruction"] = evaluate_reconstruction(path, recon_count, recon_size, backend=backend, bar=bar)
+            part_done(format_reconstruction(results["reconstruction"]))
         if run_labels:
             reconstruct = _reconstructor(path, backend)[0] if found.reconstruction else None
             results["label_following"] = evaluate_label_following(path, sizes, label_count, seed, backend, mode, top_k,
-                                                                  save_dir=save_dir, progress=progress,
-                                                                  reconstruct=reconstruct)
-    return results, format_table(results)
+                                                                  save_dir=save_dir, bar=bar, reconstruct=reconstruct,
+                                                                  on_size=size_done)
+    part_done(format_closing(results))
+    return results, lines
+
+
+def format_header(results: dict) -> list[str]:
+    threads = f"  (torch threads: {results['torch_threads']})" if results.get("torch_threads") else ""
+    return [f"model: {results['model']}{threads}"]
+
+
+def format_reconstruction(rec: dict) -> list[str]:
+    return [
+        f"reconstruction ({rec['count']} held-out {rec['size'][0]}x{rec['size'][1]} synthetic scenes, {rec['runner']}, "
+        f"{rec['seconds']:.0f} s)",
+        f"  PSNR   {rec['psnr']:7.2f} dB   (worst image {rec['psnr_min']:.2f} dB; goal >= {TARGETS['psnr']:g} dB)",
+        f"  LPIPS  {rec['lpips']:7.4f}      (worst image {rec['lpips_max']:.4f}; goal <= {TARGETS['lpips']:g})",
+    ]
+
+
+def format_label_header(follow: dict) -> list[str]:
+    return [
+        f"label following (held-out label maps, {follow['backend']}, mode {follow['mode']}, top-k {follow['top_k']}, "
+        f"seeds {follow['seed']}+k; segmenter on generated images vs. on the real renders and on the first "
+        f"stage's reconstructions of them; goal mIoU >= {TARGETS['miou']:g})",
+        f"  {'size':>9}  {'maps':>4}  {'accuracy':>8}  {'mIoU':>6}  {'real acc':>8}  {'real mIoU':>9}  "
+        f"{'rec mIoU':>8}  {'s/image':>7}",
+    ]
+
+
+def format_label_row(row: dict) -> str:
+    g, r = row["generated"], row["real"]
+    rec_miou = f"{row['reconstructed']['miou']:8.4f}" if "reconstructed" in row else f"{'-':>8}"
+    per_image = row["seconds"] / row["count"]
+    return (f"  {row['size'][0]:>4}x{row['size'][1]:<4}  {row['count']:>4}  {g['pixel_accuracy']:8.4f}  "
+            f"{g['miou']:6.4f}  {r['pixel_accuracy']:8.4f}  {r['miou']:9.4f}  {rec_miou}  {per_image:7.1f}")
+
+
+def format_closing(results: dict) -> list[str]:
+    """The per-class summary of label following (when measured) and the notes."""
+    lines = []
+    worst: dict[str, float] = {}
+    for row in results.get("label_following", {}).get("sizes", []):
+        for name, iou in row["generated"]["per_class_iou"].items():
+            if iou is not None:
+                worst[name] = min(worst.get(name, 1.0), iou)
+    if worst:
+        lines.append("  per-class IoU on generated images (lowest over sizes): "
+                     + ", ".join(f"{name} {iou:.2f}" for name, iou in worst.items()))
+    return lines + [f"note: {note}" for note in results.get("notes", [])]
 
 
 def format_table(results: dict) -> list[str]:
-    """The printable summary of :func:`evaluate`'s results."""
-    threads = f"  (torch threads: {results['torch_threads']})" if results.get("torch_threads") else ""
-    lines = [f"model: {results['model']}{threads}"]
-    rec = results.get("reconstruction")
-    if rec is not None:
-        lines += [
-            f"reconstruction ({rec['count']} held-out {rec['size'][0]}x{rec['size'][1]} synthetic scenes, {rec['runner']}, "
-            f"{rec['seconds']:.0f} s)",
-            f"  PSNR   {rec['psnr']:7.2f} dB   (worst image {rec['psnr_min']:.2f} dB; target >= {TARGETS['psnr']:g} dB)",
-            f"  LPIPS  {rec['lpips']:7.4f}      (worst image {rec['lpips_max']:.4f}; target <= {TARGETS['lpips']:g})",
-        ]
+    """The printable summary of :func:`evaluate`'s results (what ``on_part`` was told, all at once)."""
+    lines = format_header(results)
+    if "reconstruction" in results:
+        lines += format_reconstruction(results["reconstruction"])
     follow = results.get("label_following")
-    if follow is not None:
-        lines += [
-            f"label following (held-out label maps, {follow['backend']}, mode {follow['mode']}, top-k {follow['top_k']}, "
-            f"seeds {follow['seed']}+k; segmenter on generated images vs. on the real renders and on the first "
-            f"stage's reconstructions of them; target mIoU >= {TARGETS['miou']:g})",
-            f"  {'size':>9}  {'maps':>4}  {'accuracy':>8}  {'mIoU':>6}  {'real acc':>8}  {'real mIoU':>9}  "
-            f"{'rec mIoU':>8}  {'s/image':>7}",
-        ]
-        for row in follow["sizes"]:
-            g, r = row["generated"], row["real"]
-            rec_miou = f"{row['reconstructed']['miou']:8.4f}" if "reconstructed" in row else f"{'-':>8}"
-            per_image = row["seconds"] / row["count"]
-            lines.append(f"  {row['size'][0]:>4}x{row['size'][1]:<4}  {row['count']:>4}  {g['pixel_accuracy']:8.4f}  "
-                         f"{g['miou']:6.4f}  {r['pixel_accuracy']:8.4f}  {r['miou']:9.4f}  {rec_miou}  {per_image:7.1f}")
-        worst = {}
-        for row in follow["sizes"]:
-            for name, iou in row["generated"]["per_class_iou"].items():
-                if iou is not None:
-                    worst[name] = min(worst.get(name, 1.0), iou)
-        if worst:
-            lines.append("  per-class IoU on generated images (lowest over sizes): "
-                         + ", ".join(f"{name} {iou:.2f}" for name, iou in worst.items()))
-    lines += [f"note: {note}" for note in results.get("notes", [])]
-    return lines
+    if follow is not None and follow["sizes"]:
+        lines += format_label_header(follow) + [format_label_row(row) for row in follow["sizes"]]
+    return lines + format_closing(results)
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -404,18 +470,27 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
 def run_eval(path: Path | str | None = None, what: str = "all", recon_count: int = 64, recon_size: int = 256,
              label_count: int = 8, sizes: str | Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0,
              backend: str = "auto", mode: str = "exact", top_k: int | None = 100, json_out: Path | None = None,
-             save_dir: Path | None = None, threads: int | None = None, progress: Progress = _quiet) -> list[str]:
-    """The CLI entry point: evaluate, optionally write the full results as JSON, return the table lines.
+             save_dir: Path | None = None, threads: int | None = None, bar: ProgressBar = no_bar,
+             echo: Callable[[str], None] = _ignore_line) -> list[str]:
+    """The CLI entry point: evaluate, return the table lines, and give each part's lines to ``echo`` as
+    soon as it is done; with ``json_out``, the results so far replace that file (atomically) after each part.
 
     ``path`` None: the embedded default model. ``sizes``: (width, height) pairs or 'WxH,WxH'. Raises
     UserError on bad input, before any slow work.
     """
     parsed = parse_sizes(sizes) if isinstance(sizes, str) else tuple(sizes)
-    results, lines = evaluate(path, what, recon_count=recon_count, recon_size=recon_size,  # type: ignore[arg-type]
-                              label_count=label_count, sizes=parsed, seed=seed, backend=backend, mode=mode,
-                              top_k=top_k, save_dir=save_dir, threads=threads, progress=progress)
+
+    def on_part(results: dict, lines: list[str]) -> None:
+        for line in lines:
+            echo(line)
+        if json_out is not None:
+            with atomic_file(Path(json_out)) as tmp:
+                tmp.write_text(json.dumps(results, indent=2) + "\n")
+
+    _, lines = evaluate(path, what, recon_count=recon_count, recon_size=recon_size,  # type: ignore[arg-type]
+                        label_count=label_count, sizes=parsed, seed=seed, backend=backend, mode=mode,
+                        top_k=top_k, save_dir=save_dir, threads=threads, bar=bar, on_part=on_part)
     if json_out is not None:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
         lines.append(f"results written to {json_out}")
+        echo(lines[-1])
     return lines
