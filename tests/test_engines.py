@@ -469,10 +469,11 @@ def test_tensorrt_version_floor(monkeypatch, version, ok):
             deps.tensorrt()
 
 
-def test_strongly_typed_flag_only_where_tensorrt_has_it():
-    enum = types.SimpleNamespace(STRONGLY_TYPED=5)
-    assert network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=enum)) == 1 << 5
-    assert network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0
+@pytest.mark.parametrize("version, flags", [("10.9.0.34", 1 << 1), ("10.16.1.11", 1 << 1), ("11.4.0.106", 0)])
+def test_strongly_typed_flag_only_on_tensorrt_10(version, flags):
+    # 11.x keeps STRONGLY_TYPED in the enum, deprecated and ignored (test_tensorrt_bindings.py: the real enums)
+    enum = types.SimpleNamespace(STRONGLY_TYPED=1)
+    assert network_flags(types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=enum)) == flags
 
 
 @pytest.mark.parametrize("args, message", [(("fp8", 4.0, 3), "--precision"), (("fp16", 0, 3), "--workspace"),
