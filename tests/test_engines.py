@@ -456,7 +456,8 @@ def test_build_without_tensorrt_names_it_and_the_install_command(no_tensorrt, tm
     with pytest.raises(UserError) as info:
         build_engines(write_bundle(tmp_path / "bundle"))
     message = str(info.value)
-    assert "TensorRT" in message and "pip install 'taming-deploy[gpu]'" in message and "\n" not in message
+    assert "TensorRT" in message and "\n" not in message
+    assert "pip install 'taming-deploy[gpu-cu12]' or 'taming-deploy[gpu-cu13]'" in message and "pypi.nvidia.com" in message
 
 
 @pytest.mark.parametrize("version, ok", [("8.6.1", False), ("10.8.0.43", False), ("10.9.0.34", True), ("11.4.0.106", True)])
@@ -497,7 +498,7 @@ def test_loading_engines_without_tensorrt_says_to_install_it(no_tensorrt, tmp_pa
     (bundle / "engines" / ENGINES_MANIFEST).write_text(json.dumps(engine_manifest(bundle_manifest()).to_dict()))
     backend, reason = probe_trt_backend(bundle)
     assert backend is None and "TensorRT is not installed" in reason
-    assert "pip install 'taming-deploy[gpu]'" in choose_backend("auto", "bundle", reason).note
+    assert "pip install 'taming-deploy[gpu-cu12]' or 'taming-deploy[gpu-cu13]'" in choose_backend("auto", "bundle", reason).note
 
 
 def test_cuda_status_is_checked():
