@@ -63,10 +63,11 @@ def check_options(precision: str, workspace_gib: float, opt_level: int) -> None:
 
 
 def network_flags(trt: ModuleType) -> int:
-    """Strongly typed on 10.x; on 11.x networks are always strongly typed (the flag is accepted there
-    but not needed), so it is set only where the enum has it."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
+    """STRONGLY_TYPED on 10.x. On 11.x networks are always strongly typed: the enum keeps the flag,
+    documented as deprecated and ignored, so it is not set there."""
+    if deps.parse_version(trt.__version__)[0] >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 class _Builder:

@@ -9,7 +9,8 @@ from types import ModuleType
 
 from taming_deploy.errors import UserError
 
-INSTALL_HINT = "pip install 'taming-deploy[gpu]' (Linux with an NVIDIA GPU and driver)"
+INSTALL_HINT = ("pip install 'taming-deploy[gpu-cu12]' or 'taming-deploy[gpu-cu13]' (the CUDA major of the NVIDIA driver) "
+                "--extra-index-url https://pypi.nvidia.com")
 
 # The bundles' graphs are opset 21 and use GroupNormalization-21 (per-channel scale and bias). The
 # ONNX parser handles that form from TensorRT 10.9 on (ONNX-TensorRT changelog, "TensorRT 10.9 GA":

@@ -456,7 +456,8 @@ def test_build_without_tensorrt_names_it_and_the_install_command(no_tensorrt, tm
     with pytest.raises(UserError) as info:
         build_engines(write_bundle(tmp_path / "bundle"))
     message = str(info.value)
-    assert "TensorRT" in message and "pip install 'taming-deploy[gpu]'" in message and "\n" not in message
+    assert "TensorRT" in message and "\n" not in message
+    assert "pip install 'taming-deploy[gpu-cu12]' or 'taming-deploy[gpu-cu13]'" in message and "pypi.nvidia.com" in message
 
 
 @pytest.mark.parametrize("version, ok", [("8.6.1", False), ("10.8.0.43", False), ("10.9.0.34", True), ("11.4.0.106", True)])
@@ -469,10 +470,11 @@ def test_tensorrt_version_floor(monkeypatch, version, ok):
             deps.tensorrt()
 
 
-def test_strongly_typed_flag_only_where_tensorrt_has_it():
-    enum = types.SimpleNamespace(STRONGLY_TYPED=5)
-    assert network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=enum)) == 1 << 5
-    assert network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0
+@pytest.mark.parametrize("version, flags", [("10.9.0.34", 1 << 1), ("10.16.1.11", 1 << 1), ("11.4.0.106", 0)])
+def test_strongly_typed_flag_only_on_tensorrt_10(version, flags):
+    # 11.x keeps STRONGLY_TYPED in the enum, deprecated and ignored (test_tensorrt_bindings.py: the real enums)
+    enum = types.SimpleNamespace(STRONGLY_TYPED=1)
+    assert network_flags(types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=enum)) == flags
 
 
 @pytest.mark.parametrize("args, message", [(("fp8", 4.0, 3), "--precision"), (("fp16", 0, 3), "--workspace"),
@@ -496,7 +498,7 @@ def test_loading_engines_without_tensorrt_says_to_install_it(no_tensorrt, tmp_pa
     (bundle / "engines" / ENGINES_MANIFEST).write_text(json.dumps(engine_manifest(bundle_manifest()).to_dict()))
     backend, reason = probe_trt_backend(bundle)
     assert backend is None and "TensorRT is not installed" in reason
-    assert "pip install 'taming-deploy[gpu]'" in choose_backend("auto", "bundle", reason).note
+    assert "pip install 'taming-deploy[gpu-cu12]' or 'taming-deploy[gpu-cu13]'" in choose_backend("auto", "bundle", reason).note
 
 
 def test_cuda_status_is_checked():

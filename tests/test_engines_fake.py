@@ -1,7 +1,8 @@
 """build.py and runtime.py driven end to end against in-memory stand-ins for TensorRT and the CUDA runtime.
 
-The stand-ins implement only the calls the engines package makes, with the documented signatures;
-device memory is host bytes, an "engine" is a small NumPy kernel. They cannot tell whether
+The stand-ins implement only the calls the engines package makes, with the real signatures: engines/
+sees the TensorRT one through tests/tensorrt_api.py's list, which test_tensorrt_bindings.py checks
+against the real bindings, and the CUDA one is checked against cuda-python here. Device memory is host bytes, an "engine" is a small NumPy kernel. They cannot tell whether
 TensorRT itself behaves as documented (the GPU tests do that); they check the logic around it: the
 build writes what engines.json promises, only strong typing and no precision flag is used, the
 timing cache is carried over, every CUDA status is checked, the transformer cache is one device
@@ -15,6 +16,7 @@ import ctypes
 import enum
 import gc
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +25,7 @@ import numpy as np
 import pytest
 
 from taming_deploy.engines import build_engines, cuda, deps, load_trt_backend
+from tensorrt_api import USED, Restricted, unwrap
 from taming_deploy.bundle import GraphFile, Manifest, TensorSpec
 from taming_deploy.errors import UserError
 from taming_deploy.sampler import sample_tokens
@@ -80,20 +83,20 @@ class FakeCudart:
     def cudaGetDeviceProperties(self, device):
         return (Status.cudaSuccess, SimpleNamespace(name=b"Fake GPU\0\0\0", major=8, minor=6, totalGlobalMem=1 << 34))
     def cudaDeviceGetAttribute(self, attr, device): return (Status.cudaSuccess, {"clock": 1_000_000, "bus": 256}[attr])
-    def cudaGetErrorName(self, status): return (Status.cudaSuccess, Status(status).name.encode())
-    def cudaGetErrorString(self, status): return (Status.cudaSuccess, b"fake error")
+    def cudaGetErrorName(self, error): return (Status.cudaSuccess, Status(error).name.encode())
+    def cudaGetErrorString(self, error): return (Status.cudaSuccess, b"fake error")
 
-    def cudaMalloc(self, nbytes):
+    def cudaMalloc(self, size):
         if self.mallocs_left is not None:
             self.fail_malloc, self.mallocs_left = self.mallocs_left <= 0, self.mallocs_left - 1
         if self.fail_malloc:
             return (Status.cudaErrorMemoryAllocation, None)
-        ptr, self.next_ptr = self.next_ptr, self.next_ptr + nbytes + 256
-        self.memory[ptr] = bytearray(b"\xff" * nbytes)  # cudaMalloc does not clear memory: NaN until written
+        ptr, self.next_ptr = self.next_ptr, self.next_ptr + size + 256
+        self.memory[ptr] = bytearray(b"\xff" * size)  # cudaMalloc does not clear memory: NaN until written
         return (Status.cudaSuccess, ptr)
 
-    def cudaFree(self, ptr):
-        del self.memory[ptr]
+    def cudaFree(self, devPtr):
+        del self.memory[devPtr]
         return self.OK
 
     def cudaMemcpyAsync(self, dst, src, count, kind, stream):
@@ -128,8 +131,8 @@ class FakeCudart:
             op()
         return self.OK
 
-    def cudaMemsetAsync(self, ptr, value, count, stream):
-        self.memory[ptr][:count] = bytes([value]) * count
+    def cudaMemsetAsync(self, devPtr, value, count, stream):
+        self.memory[devPtr][:count] = bytes([value]) * count
         return self.OK
 
     def cudaStreamCreate(self): return (Status.cudaSuccess, 7)
@@ -146,11 +149,11 @@ class FakeCudart:
 
     def cudaGraphInstantiate(self, graph, flags): return (Status.cudaSuccess, list(graph))
     def cudaGraphDestroy(self, graph): return self.OK
-    def cudaGraphExecDestroy(self, graph_exec): return self.OK
+    def cudaGraphExecDestroy(self, graphExec): return self.OK
 
-    def cudaGraphLaunch(self, graph_exec, stream):
+    def cudaGraphLaunch(self, graphExec, stream):
         self.launches += 1
-        for op in graph_exec:
+        for op in graphExec:
             op()
         return self.OK
 
@@ -295,12 +298,26 @@ class FakeEngine:
         return op
 
 
+class FakeNetwork:
+    """INetworkDefinition: the parsed graph's inputs."""
+
+    def __init__(self) -> None:
+        self.parsed: str | None = None
+        self.inputs: list[SimpleNamespace] = []
+
+    @property
+    def num_inputs(self): return len(self.inputs)
+    def get_input(self, index): return self.inputs[index]
+
+
 class FakeTensorRT:
-    """The tensorrt module, as far as engines/ uses it."""
+    """The tensorrt module, as far as engines/ uses it. engines/ sees it through tensorrt_api.Restricted:
+    only the names tests/tensorrt_api.py lists, which tests/test_tensorrt_bindings.py finds in the real
+    modules. ``shape_tensors``: inputs the parser reports as shape tensors; ``parse_errors``: what it rejects."""
 
     __version__ = "10.9.0.34"
-    Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
-    NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
+    Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, min_severity: None})
+    NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)  # the value in the 10.x enum
     MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
     BuilderFlag = SimpleNamespace(TF32="tf32")
     TensorIOMode = SimpleNamespace(INPUT="in", OUTPUT="out")
@@ -310,6 +327,8 @@ class FakeTensorRT:
         self.configs: list[SimpleNamespace] = []
         self.network_flags: list[int] = []
         self.executions: list = []
+        self.shape_tensors: set[str] = set()
+        self.parse_errors: list[str] = []
         trt = self
 
         class TimingCache:
@@ -336,7 +355,7 @@ class FakeTensorRT:
             def __init__(self, logger): pass
             def create_network(self, flags):
                 trt.network_flags.append(flags)
-                return SimpleNamespace(num_inputs=0, parsed=None)
+                return FakeNetwork()
             def create_builder_config(self):
                 config = Config(cleared=[], set_flags=[], profiles=[], builder_optimization_level=None)
                 trt.configs.append(config)
@@ -346,11 +365,16 @@ class FakeTensorRT:
                 return json.dumps({"graph": network.parsed, "profiles": len(config.profiles)}).encode()
 
         class OnnxParser:
-            num_errors = 0
-            def __init__(self, network, logger): self.network = network
+            def __init__(self, network, logger): self.network, self.num_errors = network, 0
             def parse_from_file(self, path):
+                if trt.parse_errors:
+                    self.num_errors = len(trt.parse_errors)
+                    return False
                 self.network.parsed = Path(path).name
+                self.network.inputs = [SimpleNamespace(name=t.name, is_shape_tensor=t.name in trt.shape_tensors)
+                                       for t in trt.graphs[self.network.parsed].inputs]
                 return True
+            def get_error(self, index): return trt.parse_errors[index]
 
         class Runtime:
             def __init__(self, logger): pass
@@ -408,9 +432,10 @@ def install_fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision:
     (bundle / "manifest.json").write_text(json.dumps(manifest.to_dict()))
     cudart = FakeCudart()
     trt = FakeTensorRT(cudart, graphs)
-    monkeypatch.setattr(deps, "tensorrt", lambda: trt)
+    used: set[tuple[str, str]] = set()
+    monkeypatch.setattr(deps, "tensorrt", lambda: Restricted(trt, "", used))
     monkeypatch.setattr(deps, "cudart", lambda: cudart)
-    return SimpleNamespace(bundle=bundle, trt=trt, cudart=cudart, precision=precision)
+    return SimpleNamespace(bundle=bundle, trt=trt, cudart=cudart, precision=precision, used=used)
 
 
 @pytest.fixture
@@ -429,7 +454,7 @@ def test_build_writes_strongly_typed_engines_and_keeps_the_timing_cache(fake_gpu
     assert transformer["source"]["sha256"] == fake_gpu.trt.graphs["transformer.onnx"].sha256
     plan = (engines / "transformer.plan").read_bytes()
     assert transformer["sha256"] == hashlib.sha256(plan).hexdigest()
-    assert fake_gpu.trt.network_flags == [1 << 5] * 4  # STRONGLY_TYPED
+    assert fake_gpu.trt.network_flags == [1 << 1] * 4  # STRONGLY_TYPED (TensorRT 10.9)
     for config in fake_gpu.trt.configs:
         assert config.set_flags == [] and config.cleared == ["tf32"]  # no precision flag; fp32 is real fp32
         assert config.pool == ("workspace", 1 << 29) and config.builder_optimization_level == 2
@@ -540,7 +565,7 @@ def test_the_cache_is_one_device_buffer_that_each_step_scatters_into(tmp_path, m
         position += count
     assert position == SPEC.block_size
     engine = backend._engines["transformer"]
-    addresses = engine.contexts[1].addresses  # the decode context ran last
+    addresses = unwrap(engine.contexts[1]).addresses  # the decode context ran last
     block = 2 * SPEC.n_head * SPEC.block_size * SPEC.head_dim * dtype.itemsize
     for i in range(SPEC.n_layer):
         assert addresses[f"past_key_{i}"] == cache.kv.ptr + 2 * i * block
@@ -630,3 +655,54 @@ def test_engines_for_another_gpu_or_damaged_plans_are_refused(fake_gpu):
     (engines / "engines.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"compute capability 9\.0.*rebuild"):
         load_trt_backend(fake_gpu.bundle)
+
+
+def test_parser_errors_and_shape_tensor_inputs_are_user_errors(fake_gpu):
+    fake_gpu.trt.shape_tensors = {"position"}
+    with pytest.raises(UserError, match=r"transformer.onnx: input 'position' is used as a shape tensor"):
+        build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+    fake_gpu.trt.parse_errors = ["In node 3 (Foo):  UNSUPPORTED_NODE:\n  no importer", "second"]
+    with pytest.raises(UserError, match=r"TensorRT 10.9.0.34's ONNX parser rejected the graph: In node 3 \(Foo\): "
+                                        r"UNSUPPORTED_NODE: no importer; second$"):
+        build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+
+
+def test_strongly_typed_is_set_on_tensorrt_10_only(fake_gpu):
+    fake_gpu.trt.__version__ = "11.4.0.106"  # 11.x: the flag is deprecated and ignored
+    build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+    assert fake_gpu.trt.network_flags == [0] * 4
+
+
+def test_engines_uses_every_name_of_the_tensorrt_list(fake_gpu):
+    """tests/tensorrt_api.py is what engines/ uses: the stand-in refuses anything else (Restricted),
+    and a build (with its failures), a load and a generation with CUDA graphs use every entry."""
+    for problem in ("shape_tensors", "parse_errors"):
+        setattr(fake_gpu.trt, problem, ["x"] if problem == "parse_errors" else {"position"})
+        with pytest.raises(UserError):
+            build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+        setattr(fake_gpu.trt, problem, type(getattr(fake_gpu.trt, problem))())
+    build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+    backend = load_trt_backend(fake_gpu.bundle, cuda_graph=True)
+    cond = backend.condition_tokens(np.zeros((1, 12, 12), np.int64))
+    tokens, _ = sample_tokens(backend, cond, (3, 3), SamplingOptions(greedy=True), np.random.default_rng(0))
+    backend.decode(tokens)
+    listed = {(kind, name) for kind, members in USED.items() for name in members}
+    assert fake_gpu.used == listed
+
+
+def test_the_cuda_stand_in_has_only_real_cuda_python_names():
+    """Every cuda* function of FakeCudart exists in cuda.bindings.runtime with the same parameters,
+    every enum member it offers is a real member, and the device properties it returns are real fields."""
+    from cuda.bindings import runtime
+
+    names = [n for n in dir(FakeCudart) if n.startswith("cuda")]
+    assert len(names) > 20
+    for name in names:
+        fake, real = getattr(FakeCudart, name), getattr(runtime, name)
+        if inspect.isfunction(fake):
+            assert list(inspect.signature(fake).parameters)[1:] == list(inspect.signature(real).parameters), name
+        else:
+            members = fake.__members__ if isinstance(fake, enum.EnumMeta) else vars(fake)
+            assert set(members) <= set(real.__members__), name
+    _, props = FakeCudart().cudaGetDeviceProperties(0)
+    assert all(hasattr(runtime.cudaDeviceProp(), field) for field in vars(props))

@@ -18,11 +18,11 @@ def missing_gpu_stack() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except Exception as exc:  # ImportError, or OSError when the TensorRT libraries cannot load
-        return f"TensorRT is not installed ({exc}); pip install 'taming-deploy[gpu]' on a GPU machine"
+        return f"TensorRT is not installed ({exc}); pip install 'taming-deploy[gpu-cu12]' (or [gpu-cu13]) on a GPU machine"
     try:
         from cuda.bindings import runtime
     except ImportError:
-        return "cuda-python is not installed; pip install 'taming-deploy[gpu]'"
+        return "cuda-python is not installed; pip install 'taming-deploy[gpu-cu12]' (or [gpu-cu13])"
     status, count = runtime.cudaGetDeviceCount()
     if status != runtime.cudaError_t.cudaSuccess or not count:
         return f"no usable NVIDIA GPU ({status})"

@@ -2,6 +2,7 @@
 namespace: a user's environment gains one top-level package, `taming_deploy`."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -61,3 +62,37 @@ def test_the_wheel_holds_one_top_level_package(tmp_path: Path):
                      "taming_deploy/training/evaluation/weights/segmenter.safetensors",
                      "taming_deploy/training/configs/default_transformer.yaml"):
         assert expected in names
+
+
+def requirement_names(requirements: list[str]) -> dict[str, str]:
+    """['cuda-python>=12.8,<13'] -> {'cuda-python': '>=12.8,<13'}."""
+    matches = (re.match(r"([A-Za-z0-9_.-]+)(.*)", r) for r in requirements)
+    return {m.group(1).lower(): m.group(2).strip() for m in matches if m}
+
+
+def test_gpu_extras_match_their_cuda_major_and_leave_onnxruntime_alone():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert "onnxruntime" in requirement_names(project["dependencies"])
+    for major in ("12", "13"):
+        extra = requirement_names(extras[f"gpu-cu{major}"])
+        assert set(extra) == {f"tensorrt-cu{major}", "cuda-python"}
+        assert extra[f"tensorrt-cu{major}"] == ">=10.9"
+        assert extra["cuda-python"] == f">={major if major != '12' else '12.8'},<{int(major) + 1}"
+    # onnxruntime-gpu owns the onnxruntime module: no extra may install it beside the base onnxruntime
+    assert not any("onnxruntime-gpu" in requirement_names(reqs) for reqs in extras.values())
+
+
+def test_torch_is_pinned_by_the_constraints_file_not_by_the_extras():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("train", "export"):
+        assert requirement_names(extras[name])["torch"] == ">=2.13"
+    constraints = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert constraints == ["torch==2.13.0"]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("# 2. ", 1)[1].splitlines()[1]
+    assert "-c constraints.txt" in command
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
