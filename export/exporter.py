@@ -30,7 +30,7 @@ from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.export.graph_files import graph_entry, write_manifest
 from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest
 from taming_deploy.errors import UserError
-from taming_deploy.fileutil import atomic_directory
+from taming_deploy.fileutil import atomic_directory, check_replaceable
 from taming_deploy.model_paths import BUNDLE_MANIFEST
 from taming_deploy.training.checkpoint import load_model, replace_decoder
 from taming_deploy.training.models.net2net import TamingModel
@@ -141,12 +141,14 @@ def export_bundle(
     ``int8_weights``: store the fp32 graphs' large weights as int8 (about 4x smaller files; see
     export/int8_weights.py); the fp16 graphs, which TensorRT builds from, keep theirs."""
     started = time.perf_counter()
+    inputs = [Path(checkpoint_dir)] + ([Path(decoder)] if decoder else []) + ([] if calibration == SYNTHETIC else [Path(calibration)])
+    check_replaceable(Path(out_dir), inputs)  # before the minutes of export, not only at the end
     model = load_model(Path(checkpoint_dir))
     if decoder is not None:
         replace_decoder(model, load_model(Path(decoder)), Path(decoder))
     spec = model.config.spec()
     calib = calibration_set(calibration, spec, count=calibration_count)
-    with atomic_directory(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir), inputs) as tmp:
         graphs: dict[str, dict[str, GraphFile]] = {}
         checks: list[Check] = []
         defs = graph_defs(model)

@@ -86,7 +86,7 @@ def generate(
     class_id: Annotated[Optional[int], typer.Option(help="Class id, for class-conditional models")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Bundle or checkpoint directory [default: the embedded model]")] = None,
     backend: Annotated[str, typer.Option(help="auto, torch, ort or trt")] = "auto",
-    out: Annotated[Path, typer.Option(help="Output PNG (numbered when -n > 1, unless --grid)")] = Path("out.png"),
+    out: Annotated[Path, typer.Option(help="Output image, .png, .jpg or .webp (numbered when -n > 1, unless --grid)")] = Path("out.png"),
     size: Annotated[Optional[str], typer.Option(help="Output size WxH in pixels (resizes the condition)")] = None,
     n: Annotated[int, typer.Option("-n", help="Images to sample in one batch")] = 1,
     grid: Annotated[bool, typer.Option(help="With -n > 1, write one grid image")] = False,
@@ -101,8 +101,9 @@ def generate(
     stats: Annotated[Optional[Path], typer.Option(help="Write timing and call counts (.json)")] = None,
 ) -> None:
     """Generate images from a condition by sliding-window sampling."""
-    from taming_deploy.fileutil import atomic_file
+    from taming_deploy.fileutil import atomic_file, check_output_file
     from taming_deploy.images import grid as make_grid
+    from taming_deploy.images import output_format, save_image
     from taming_deploy.pipeline import Pipeline
     from taming_deploy.progress import progress_bar
 
@@ -112,6 +113,12 @@ def generate(
         raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
     if cond is not None and class_id is not None:
         raise UserError("pass either --cond or --class-id, not both")
+    one_file = n == 1 or grid
+    paths = [out] if one_file else [out.with_name(f"{out.stem}_{k:03d}{out.suffix}") for k in range(max(n, 0))]
+    for path in [*paths, save_tokens, stats]:
+        if path is not None:
+            check_output_file(path)  # before minutes of sampling, not after
+    fmt = output_format(out)
     notes: list[str] = []  # shown after the run, so that an error stays the only line
     pipeline = Pipeline.load(model, backend, note=notes.append)  # type: ignore[arg-type]
     condition = cond if cond is not None else class_id
@@ -129,16 +136,11 @@ def generate(
             temperature=temperature,
             on_token=update,
         )
-    written = []
-    if n == 1 or grid:
-        image = result.images[0] if n == 1 else make_grid(result.images)
-        targets = [(out, image)]
-    else:
-        targets = [(out.with_name(f"{out.stem}_{k:03d}{out.suffix}"), im) for k, im in enumerate(result.images)]
-    for path, image in targets:
+    images = [result.images[0] if n == 1 else make_grid(result.images)] if one_file else result.images
+    for path, image in zip(paths, images):
         with atomic_file(path) as tmp:
-            image.save(tmp, format="PNG")
-        written.append(str(path))
+            save_image(image, tmp, fmt)
+    written = [str(path) for path in paths]
     if save_tokens is not None:
         with atomic_file(save_tokens) as tmp:
             with open(tmp, "wb") as f:

@@ -1,13 +1,33 @@
-"""Atomic replacement of files and directories, and file hashing."""
+"""Atomic, crash-safe replacement of output files and directories, and file hashing.
+
+Every directory taming-deploy writes (checkpoint, bundle, engines, training state) carries a marker file,
+``.taming-deploy-output``, listing the entries it wrote. An existing ``--out`` is replaced only when it is
+such an output and holds nothing else (or is empty), so a mistyped ``--out`` never deletes a user's files,
+and never a directory that holds one of the command's inputs. Writers hold a lock beside the target, name
+their temporary directories with their pid, and remove the ones that killed writers left behind.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
+import json
 import os
+import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from taming_deploy.errors import UserError
+
+OUTPUT_MARKER = ".taming-deploy-output"
+WRITE_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST,
+                errno.EACCES, errno.EPERM, errno.EISDIR)
+TEMP_NAME_CHARS = 48
+NAME_MAX = 255  # bytes in one path component on Linux file systems  # of the target's name in temporary names: keeps them under NAME_MAX for long targets
 
 
 def default_mode(directory: bool) -> int:
@@ -17,48 +37,203 @@ def default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def foreign_entries(path: Path) -> list[str]:
+    """The entries of a directory that taming-deploy did not write there: all of them without the marker;
+    nested outputs of ours (e.g. a bundle's engines/) count as ours."""
+    entries = sorted(path.iterdir())
+    try:
+        listed = set(json.loads((path / OUTPUT_MARKER).read_text())["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [entry.name for entry in entries]
+    own_dir = lambda entry: entry.is_dir() and not entry.is_symlink() and not foreign_entries(entry)  # noqa: E731
+    return [entry.name for entry in entries
+            if entry.name != OUTPUT_MARKER and not (entry.name in listed and not entry.is_symlink()) and not own_dir(entry)]
+
+
+def check_replaceable(target: Path, inputs: Iterable[Path] = ()) -> None:
+    """Raise UserError unless ``target`` may be replaced: absent, an empty directory or an earlier output of
+    ours, and holding none of ``inputs``."""
+    target = Path(target)
+    resolved = target.resolve()
+    for source in inputs:
+        source_resolved = Path(source).resolve()
+        if source_resolved == resolved or source_resolved.is_relative_to(resolved):
+            raise UserError(f"{target}: the output directory would replace the input {source}; choose another --out")
+    if not os.path.lexists(target):
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise UserError(f"{target} exists and is not a directory; choose another --out or remove it")
+    if foreign := foreign_entries(target):
+        shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 3 else "")
+        raise UserError(f"{target} already holds files taming-deploy did not write ({shown}); choose another --out or empty it")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_prefix(kind: str, target: Path) -> str:
+    return f".{kind}-{target.name[:TEMP_NAME_CHARS]}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove temporary siblings of ``target`` whose writer (the pid in their name) is gone."""
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(target.name[:TEMP_NAME_CHARS])}-(\d+)-")
+    for sibling in target.parent.iterdir():
+        match = pattern.match(sibling.name)
+        if match and int(match.group(2)) != os.getpid() and not pid_alive(int(match.group(2))):
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``target``; a second writer of the same target is refused at once."""
+    lock_path = target.parent / f".{target.name[:NAME_MAX - 6]}.lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{target} is being written by another taming-deploy process; wait for it to finish") from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # the previous holder removed the lock file after we opened it: take the new one
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        if not path.is_symlink():
+            fsync_path(path)
+    fsync_path(root)
+
+
+@contextlib.contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """Turn a failure to write (read-only or full file system, name too long, parent not a directory)
+    into a UserError naming the target."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in WRITE_ERRORS:
+            raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, inputs: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; on success it replaces ``target``.
 
-    If the body raises (or the process dies), ``target`` is untouched and the temporary directory is
-    removed (or, after a hard kill, left as a ``.tmp-*`` sibling that is never mistaken for the target).
-    An existing ``target`` is moved aside, the new one renamed in, and only then the old one deleted.
+    ``target`` must be absent, empty, or an earlier output of taming-deploy (see ``check_replaceable``),
+    and must not hold any of ``inputs``. If the body raises (or the process dies), ``target`` is untouched
+    and the temporary directory is removed (after a hard kill, by the next writer of ``target``). The new
+    directory and its files are fsynced before the rename, an existing ``target`` is moved aside, the new
+    one renamed in, the parent fsynced, and only then the old one deleted.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    inputs = list(inputs)
+    with writing(target), output_lock(target):
+        check_replaceable(target, inputs)
+        remove_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("tmp", target), dir=target.parent))
+        try:
+            yield tmp
+            entries = sorted(p.name for p in tmp.iterdir())
+            (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "taming-deploy", "entries": entries}) + "\n")
+            tmp.chmod(default_mode(directory=True))
+            for path in tmp.rglob("*"):
+                path.chmod(default_mode(directory=path.is_dir()))
+            fsync_tree(tmp)
+            check_replaceable(target, inputs)  # again: the body may have run for hours
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix("old", target), dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(target: Path) -> None:
+    """Raise UserError unless ``target`` names a file we may create or replace (a regular file, not a
+    directory, device, pipe or socket)."""
+    target = Path(target)
+    if not target.name or target.name in (".", ".."):
+        raise UserError(f"output path {str(target)!r} names no file")
+    if len(os.fsencode(target.name)) > NAME_MAX:
+        raise UserError(f"{target.name[:40]}...: file name too long ({len(os.fsencode(target.name))} bytes, at most {NAME_MAX})")
+    ancestor = target.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {target}: {ancestor} is not a directory")
     try:
-        yield tmp
-        tmp.chmod(default_mode(directory=True))
-        for path in tmp.rglob("*"):
-            path.chmod(default_mode(directory=path.is_dir()))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{target} is a directory; name an output file")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{target} exists and is not a regular file (a device, pipe or socket); name an output file")
 
 
 @contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is renamed over ``target``."""
+    """Yield a temporary path beside ``target``; on success it is fsynced and renamed over ``target``.
+
+    ``target`` must be absent or a regular file (``check_output_file``); a failure to write ends in a
+    UserError naming it, and never leaves the temporary file behind.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{target.name}-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        tmp.chmod(default_mode(directory=False))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    check_output_file(target)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix("tmp", target), dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            tmp.chmod(default_mode(directory=False))
+            fsync_path(tmp)
+            check_output_file(target)
+            os.replace(tmp, target)
+            fsync_path(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

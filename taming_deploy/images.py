@@ -1,8 +1,27 @@
 """Model images (float32 NCHW in [-1, 1]) to and from PIL."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
+from taming_deploy.errors import UserError
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output file suffix -> Pillow format
+SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
+
+
+def output_format(path: Path) -> str:
+    """The image format an output file's suffix names; unknown suffixes are refused, not written as PNG."""
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown image file type {Path(path).suffix!r}; name the output .png, .jpg or .webp")
+    return fmt
+
+
+def save_image(image: Image.Image, path: Path, fmt: str) -> None:
+    image.save(path, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

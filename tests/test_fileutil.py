@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from taming_deploy.fileutil import atomic_directory, atomic_file
+from taming_deploy.fileutil import OUTPUT_MARKER, atomic_directory, atomic_file
 
 
 def test_directory_replaces_the_old_one_only_on_success(tmp_path):
@@ -21,7 +21,7 @@ def test_directory_replaces_the_old_one_only_on_success(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
     with atomic_directory(target) as tmp:
         (tmp / "b.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 

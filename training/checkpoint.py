@@ -7,6 +7,7 @@ to a temporary sibling and renamed into place, so a crash never leaves half a ch
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -22,10 +23,12 @@ from taming_deploy.training.config import ModelConfig
 from taming_deploy.training.models.net2net import TamingModel
 
 
-def save_checkpoint(path: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], extra: dict | None = None) -> None:
-    """Write config + weights atomically; ``extra`` (e.g. training step) goes into config.json."""
+def save_checkpoint(path: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], extra: dict | None = None,
+                    inputs: Iterable[Path] = ()) -> None:
+    """Write config + weights atomically; ``extra`` (e.g. training step) goes into config.json. ``inputs``:
+    files the checkpoint was made from, which ``path`` must not hold (see fileutil.atomic_directory)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_directory(Path(path)) as tmp:
+    with atomic_directory(Path(path), inputs) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), **(extra or {})}, indent=2))
 

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from taming_deploy.errors import UserError
+from taming_deploy.fileutil import check_replaceable
 from taming_deploy.spec import ConditionSpec
 from taming_deploy.training.checkpoint import check_state_dict, save_checkpoint
 from taming_deploy.training.config import ModelConfig
@@ -230,6 +231,7 @@ def is_training_only(key: str) -> bool:
 
 
 def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool = False) -> ModelConfig:
+    check_replaceable(Path(out), (ckpt, project_yaml))  # before reading a checkpoint of gigabytes
     raw = read_project_yaml(project_yaml)
     config, prefix = model_config(raw, Path(project_yaml))
     state = {prefix + k: v for k, v in load_lightning_state_dict(ckpt, trust_pickle).items() if not is_training_only(k)}
@@ -240,5 +242,5 @@ def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool 
     model = TamingModel(config)
     check_state_dict(model, state, str(ckpt))
     model.load_state_dict(state, strict=True)
-    save_checkpoint(out, config, model.state_dict())
+    save_checkpoint(out, config, model.state_dict(), inputs=(ckpt, project_yaml))
     return config

@@ -1,0 +1,54 @@
+"""The table-driven battery of hostile inputs: a case is one line (an id, a command line, a setup, words
+the error must contain), and every case is checked the same way: exit code 2, exactly one line on stderr,
+no traceback, and nothing changed in the test's directory (which holds every file the case names)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import stat
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers import assert_one_line_error, run_cli
+
+Setup = Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    command: str  # shell words; {tmp}, {checkpoint}, {bundle}, {labels}, {ckpt}, {yaml} are filled in
+    needles: tuple[str, ...] = ()
+    setup: Setup | None = None
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every path under ``root`` -> its kind and content hash (files), target (links) or mode (others)."""
+    state: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        key = str(path.relative_to(root))
+        if stat.S_ISLNK(info.st_mode):
+            state[key] = f"link {os.readlink(path)}"
+        elif stat.S_ISREG(info.st_mode):
+            state[key] = "file " + hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            state[key] = f"mode {info.st_mode:o}"
+    return state
+
+
+def run_case(case: Case, tmp: Path, names: dict[str, Path]) -> subprocess.CompletedProcess:
+    """Run one case and assert what every hostile input must give; return the process for extra checks."""
+    if case.setup is not None:
+        case.setup(tmp)
+    before = tree_state(tmp)
+    words = [word.format(tmp=tmp, **names) for word in shlex.split(case.command)]
+    proc = run_cli(*words)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert_one_line_error(proc, *case.needles)
+    assert len(proc.stderr) < 2000, "an error message should be one readable line"
+    assert tree_state(tmp) == before, "a refused command changed files"
+    return proc

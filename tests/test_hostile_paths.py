@@ -1,0 +1,112 @@
+"""Hostile output paths: nothing that is not the command's own earlier output is replaced, and a bad
+``--out`` is one line of error before any work. See tests/hostile.py for what every case asserts."""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from helpers import assert_one_line_error, run_cli
+from hostile import Case, run_case
+
+GENERATE = "generate --model {checkpoint} --backend torch --cond {labels} --greedy"
+IMPORT = "import-taming {ckpt} --config {yaml}"
+
+
+def files(*names: str):
+    def setup(tmp: Path) -> None:
+        for name in names:
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"user data {name}")
+    return setup
+
+
+def copy_reference_into(folder: str):
+    def setup(tmp: Path) -> None:
+        from conftest import REFERENCE_DIR
+
+        (tmp / folder).mkdir()
+        shutil.copy(REFERENCE_DIR / "last.ckpt", tmp / folder / "last.ckpt")
+    return setup
+
+
+CASES = [
+    Case("import-into-dir-with-user-files", IMPORT + " --out {tmp}/out", ("did not write", "notes.txt"), files("out/notes.txt")),
+    Case("import-into-dir-holding-its-input", "import-taming {tmp}/in/last.ckpt --config {yaml} --out {tmp}/in", ("input",),
+         copy_reference_into("in")),
+    Case("import-onto-a-file", IMPORT + " --out {tmp}/out", ("not a directory",), files("out")),
+    Case("export-into-dir-with-user-files", "export {checkpoint} --out {tmp}/b --no-fp16", ("did not write",), files("b/x.onnx")),
+    Case("export-into-its-own-checkpoint", "export {tmp}/ck --out {tmp}/ck --no-fp16", ("input",),
+         lambda tmp: shutil.copytree(os.environ["HOSTILE_CHECKPOINT"], tmp / "ck")),
+    Case("export-into-parent-of-checkpoint", "export {tmp}/p/ck --out {tmp}/p --no-fp16", ("input",),
+         lambda tmp: shutil.copytree(os.environ["HOSTILE_CHECKPOINT"], tmp / "p" / "ck")),
+    Case("generate-onto-directory", GENERATE + " --out {tmp}/d", ("is a directory",), files("d/keep.png")),
+    Case("generate-under-a-file", GENERATE + " --out {tmp}/f.txt/x.png", ("not a directory",), files("f.txt")),
+    Case("generate-empty-out", GENERATE + " --out ''", ("names no file",)),
+    Case("generate-name-too-long", GENERATE + " --out {tmp}/" + "a" * 300 + ".png", ("too long",)),
+    Case("generate-unknown-extension", GENERATE + " --out {tmp}/x.gif", ("unknown image file type", ".gif")),
+    Case("generate-no-extension", GENERATE + " --out {tmp}/x", ("unknown image file type",)),
+    Case("generate-tokens-onto-directory", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/d", ("is a directory",), files("d/k")),
+]
+
+
+@pytest.fixture
+def names(imported_checkpoint, label_png, reference_dir, monkeypatch):
+    monkeypatch.setenv("HOSTILE_CHECKPOINT", str(imported_checkpoint))
+    return {"checkpoint": imported_checkpoint, "labels": label_png, "ckpt": reference_dir / "last.ckpt",
+            "yaml": reference_dir / "project.yaml"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_output_path(case, tmp_path, names):
+    run_case(case, tmp_path, names)
+
+
+def test_device_node_is_never_replaced(names, tmp_path):
+    before = os.stat("/dev/null")
+    proc = run_cli(*GENERATE.format(**names).split(), "--out", "/dev/null")
+    assert_one_line_error(proc, "/dev/null", "not a regular file")
+    after = os.stat("/dev/null")
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+
+
+@pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".jpg", b"\xff\xd8\xff"), (".JPEG", b"\xff\xd8\xff"),
+                                          (".webp", b"RIFF")])
+def test_output_format_follows_the_extension(names, tmp_path, suffix, magic):
+    out = tmp_path / ("a" * 240 + suffix)  # a long name that fits NAME_MAX: the temporary name must fit too
+    proc = run_cli(*GENERATE.format(**names).split(), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes().startswith(magic)
+    assert Image.open(out).size == (64, 64) or Image.open(out).size[0] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_full_file_system_is_one_line_and_leaves_nothing(names, tmp_path):
+    """RLIMIT_FSIZE makes every write past 1 KiB fail with EFBIG, as a full disk fails with ENOSPC
+    (Python ignores SIGXFSZ, so the write raises instead of killing the process)."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    args = GENERATE.format(**names).split() + ["--out", str(tmp_path / "o.png")]
+    proc = subprocess.run([sys.executable, "-m", "taming_deploy.cli", *args], capture_output=True, text=True,
+                          preexec_fn=limit_file_size, timeout=600)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "cannot write", "o.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_own_output_is_replaced_but_not_one_a_user_added_to(names, tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):  # the second import replaces the first one's output
+        proc = run_cli(*IMPORT.format(**names).split(), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+    (out / "my_notes.txt").write_text("mine")
+    assert_one_line_error(run_cli(*IMPORT.format(**names).split(), "--out", str(out)), "my_notes.txt")
+    assert (out / "my_notes.txt").read_text() == "mine"
