@@ -25,6 +25,21 @@ app = typer.Typer(
 )
 
 
+def print_version(value: bool) -> None:
+    if value:
+        from taming_deploy import __version__
+
+        typer.echo(f"taming-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit")] = False,
+) -> None:
+    pass
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -178,12 +193,34 @@ def export_command(
 
 @app.command()
 @user_errors_exit
-def info(path: Annotated[Path, typer.Argument(help="A bundle or a checkpoint directory")]) -> None:
-    """Print what a bundle or checkpoint holds."""
+def info(
+    path: Annotated[Optional[Path], typer.Argument(help="A bundle or a checkpoint directory")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text")] = False,
+    system: Annotated[bool, typer.Option("--system", help="Describe this machine instead: TensorRT, CUDA, GPU, ONNX Runtime")] = False,
+) -> None:
+    """Print what a bundle or checkpoint holds (or, with --system, what this machine has)."""
     from taming_deploy.info import describe
 
+    if system:
+        print_system_info(path, as_json)
+        return
+    if path is None:
+        raise UserError("give a bundle or checkpoint directory, or --system")
+    if as_json:
+        from taming_deploy.info_json import describe_json
+
+        typer.echo(json.dumps(describe_json(path), indent=1))
+        return
     for line in describe(path):
         typer.echo(line)
+
+
+def print_system_info(path: Optional[Path], as_json: bool) -> None:
+    from taming_deploy.system_info import system_json, system_lines
+
+    if path is not None:
+        raise UserError("info --system describes this machine and takes no PATH")
+    typer.echo(json.dumps(system_json(), indent=1) if as_json else "\n".join(system_lines()))
 
 
 @app.command()

@@ -1,10 +1,12 @@
-"""Progress bars for long loops: shown on an interactive terminal, silent otherwise."""
+"""Progress bars for long loops, on stderr (stdout stays clean for scripts): shown when stderr is an
+interactive terminal, silent otherwise."""
 from __future__ import annotations
 
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -24,9 +26,9 @@ ProgressCallback = Callable[..., None]  # (done, total, info="")
 @contextlib.contextmanager
 def progress_bar(description: str, unit: str, enabled: bool | None = None) -> Iterator[ProgressCallback]:
     """Yield ``update(done, total, info="")``; draws a bar with rate, ETA and ``info`` (e.g. the loss)
-    when stdout is a terminal (or ``enabled``)."""
+    on stderr when it is a terminal (or ``enabled``)."""
     if enabled is None:
-        enabled = sys.stdout.isatty()
+        enabled = sys.stderr.isatty()
     if not enabled:
         yield lambda done, total, info="": None
         return
@@ -34,6 +36,6 @@ def progress_bar(description: str, unit: str, enabled: bool | None = None) -> It
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit), TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
         task = progress.add_task(description, total=None, info="")
         yield lambda done, total, info="": progress.update(task, completed=done, total=total, info=info)
