@@ -25,6 +25,21 @@ app = typer.Typer(
 )
 
 
+def print_version(value: bool) -> None:
+    if value:
+        from taming_deploy import __version__
+
+        typer.echo(f"taming-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit")] = False,
+) -> None:
+    pass
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -183,15 +198,27 @@ def export_command(
 def info(
     path: Annotated[Optional[Path], typer.Argument(help="A bundle or a checkpoint directory [default: the embedded model]")] = None,
     legend: Annotated[Optional[Path], typer.Option(help="Also draw the model's labels (id, name, colour swatch) into this PNG")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text")] = False,
+    system: Annotated[bool, typer.Option("--system", help="Describe this machine instead: TensorRT, CUDA, GPU, ONNX Runtime")] = False,
 ) -> None:
-    """Print what a bundle or checkpoint holds, with the id, name and colour of every label."""
+    """Print what a bundle or checkpoint holds, with the id, name and colour of every label (or, with
+    --system, what this machine has)."""
     from taming_deploy.info import describe, model_condition
+    from taming_deploy.model_paths import DEFAULT_MODEL
 
-    for line in describe(path):
-        typer.echo(line)
+    if system:
+        print_system_info(path, as_json)
+        return
+    if as_json:
+        from taming_deploy.info_json import describe_json
+
+        typer.echo(json.dumps(describe_json(path or DEFAULT_MODEL), indent=1))
+    else:
+        for line in describe(path):
+            typer.echo(line)
     if legend is not None:
         write_legend(model_condition(path), legend)
-        typer.echo(f"wrote {legend}")
+        typer.echo(f"wrote {legend}", err=as_json)
 
 
 def write_legend(cond: Any, out: Path) -> None:
@@ -202,6 +229,14 @@ def write_legend(cond: Any, out: Path) -> None:
     image = legend_image(cond)
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
+
+
+def print_system_info(path: Optional[Path], as_json: bool) -> None:
+    from taming_deploy.system_info import system_json, system_lines
+
+    if path is not None:
+        raise UserError("info --system describes this machine and takes no PATH")
+    typer.echo(json.dumps(system_json(), indent=1) if as_json else "\n".join(system_lines()))
 
 
 @app.command()
@@ -289,7 +324,7 @@ def eval_command(
              label_count=label_count if label_count is not None else preset["label_count"],
              sizes=sizes if sizes is not None else preset["sizes"], seed=seed, backend=backend, mode=mode,
              top_k=top_k or None, json_out=json_out, save_dir=save_images, threads=threads,
-             bar=functools.partial(progress_bar, stderr=True), echo=typer.echo)
+             bar=progress_bar, echo=typer.echo)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Progress bars for long loops: shown on an interactive terminal, silent otherwise."""
+"""Progress bars for long loops, on stderr (stdout stays clean for scripts): shown when stderr is an
+interactive terminal, silent otherwise."""
 from __future__ import annotations
 
 import contextlib
@@ -30,12 +31,11 @@ ProgressCallback = Callable[..., None]  # (done, total, info="")
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, unit: str, enabled: bool | None = None, stderr: bool = False) -> Iterator[ProgressCallback]:
+def progress_bar(description: str, unit: str, enabled: bool | None = None) -> Iterator[ProgressCallback]:
     """Yield ``update(done, total, info="")``; draws a bar with rate, ETA and ``info`` (e.g. the loss)
-    when its stream (stdout, or stderr with ``stderr``) is a terminal (or ``enabled``)."""
-    stream = sys.stderr if stderr else sys.stdout
+    on stderr when it is a terminal (or ``enabled``)."""
     if enabled is None:
-        enabled = stream.isatty()
+        enabled = sys.stderr.isatty()
     if not enabled:
         yield lambda done, total, info="": None
         return
@@ -43,6 +43,6 @@ def progress_bar(description: str, unit: str, enabled: bool | None = None, stder
         TextColumn("{task.description}"), BarColumn(), CountColumn(), RateColumn(unit), TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, transient=False, console=Console(file=stream)) as progress:
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
         task = progress.add_task(description, total=None, info="")
         yield lambda done, total, info="": progress.update(task, completed=done, total=total, info=info)

@@ -78,6 +78,8 @@ class FakeCudart:
         block, offset = found
         return np.frombuffer(block, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
 
+    def cudaDriverGetVersion(self): return (Status.cudaSuccess, 12040)
+    def cudaRuntimeGetVersion(self): return (Status.cudaSuccess, 12080)
     def cudaGetDeviceCount(self): return (Status.cudaSuccess, 1)
     def cudaGetDevice(self): return (Status.cudaSuccess, 0)
     def cudaGetDeviceProperties(self, device):

@@ -49,6 +49,15 @@ def test_manifest_describes_every_graph_with_hash_io_and_passed_validation(fixtu
     assert manifest["model"]["condition"]["n_labels"] == 7 and manifest["model"]["block_size"] == 512
 
 
+def test_exported_graphs_carry_no_exporter_metadata(fixture_bundle):
+    """No stack traces, module paths or FX names of torch.export / onnxscript on any node or value."""
+    for path in sorted(fixture_bundle.glob("*.onnx")):
+        graph = onnx.load(str(path)).graph
+        entries = [*graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer]
+        keys = {p.key for entry in entries for p in entry.metadata_props} | {p.key for p in graph.metadata_props}
+        assert not {k for k in keys if k.startswith("pkg.") or k == "namespace"}, path.name
+
+
 def test_transformer_graph_serves_prefill_and_steps_with_a_fixed_cache(fixture_bundle, reference_model):
     """Batch 3, prefill of 100 tokens, then steps: logits equal torch's full recompute, and the
     runtime wrote the fed tokens' keys and values into exactly their slots."""

@@ -60,8 +60,12 @@ def test_the_wheel_holds_one_top_level_package(tmp_path: Path):
     for expected in ("taming_deploy/engines/runtime.py", "taming_deploy/training/models/gpt.py",
                      "taming_deploy/export/exporter.py", "taming_deploy/default_model/manifest.json",
                      "taming_deploy/training/evaluation/weights/segmenter.safetensors",
-                     "taming_deploy/training/configs/default_transformer.yaml"):
+                     "taming_deploy/training/configs/default_transformer.yaml", "taming_deploy/py.typed"):
         assert expected in names
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    headers = zipfile.ZipFile(wheel).read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: MIT" in headers
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 def requirement_names(requirements: list[str]) -> dict[str, str]:

@@ -77,7 +77,13 @@ def download(directory: Path, version: str) -> Path:
 
 @pytest.fixture(scope="session")
 def wheel_cache(request: pytest.FixtureRequest) -> Path:
-    return Path(request.config.cache.mkdir("tensorrt-bindings"))
+    """The pytest cache (.pytest_cache), or ~/.cache when pytest runs without its cache plugin."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("tensorrt-bindings"))
+    directory = Path.home() / ".cache" / "taming-deploy" / "tensorrt-bindings"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 @pytest.fixture(scope="session")

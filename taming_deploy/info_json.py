@@ -1,0 +1,46 @@
+"""`taming-deploy info PATH --json`: what `info` prints, as one JSON object for scripts.
+
+A bundle: its manifest as written by the exporter (model spec, graphs with their I/O, validation),
+each graph file's size on disk, and engines.json when engines were built. A checkpoint: its
+config.json and the parameter count of each stage."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from taming_deploy.bundle import Bundle
+from taming_deploy.errors import UserError
+from taming_deploy.info import parameter_counts
+from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, is_bundle, is_checkpoint
+
+
+def bundle_json(path: Path) -> dict[str, Any]:
+    manifest = Bundle(path).manifest
+    files = [entry.file for by_precision in manifest.graphs.values() for entry in by_precision.values()]
+    engines = path / "engines" / "engines.json"
+    return {
+        "kind": "bundle",
+        "path": str(path),
+        "manifest": manifest.to_dict(),
+        "file_bytes": {file: (path / file).stat().st_size for file in files if (path / file).is_file()},
+        "engines": json.loads(engines.read_text()) if engines.is_file() else None,
+    }
+
+
+def checkpoint_json(path: Path) -> dict[str, Any]:
+    return {
+        "kind": "checkpoint",
+        "path": str(path),
+        "config": json.loads((path / CHECKPOINT_CONFIG).read_text()),
+        "parameters": parameter_counts(path / CHECKPOINT_WEIGHTS),
+    }
+
+
+def describe_json(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if is_bundle(path):
+        return bundle_json(path)
+    if is_checkpoint(path):
+        return checkpoint_json(path)
+    raise UserError(f"{path}: neither a bundle (manifest.json) nor a checkpoint (config.json + model.safetensors)")
