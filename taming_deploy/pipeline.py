@@ -24,7 +24,7 @@ from taming_deploy.conditions import (
 from taming_deploy.errors import UserError
 from taming_deploy.images import to_pil
 from taming_deploy.sampler import sample_tokens
-from taming_deploy.sampling import SamplingOptions
+from taming_deploy.sampling import SamplingOptions, TokenStream
 from taming_deploy.windows import Mode
 
 Condition = ImageSource | int | None
@@ -108,8 +108,8 @@ class Pipeline:
         with self._lock:
             cond_tokens, latent = self.condition_tokens(cond, size)
             cond_tokens = np.repeat(cond_tokens, n, axis=0)
-            rng = np.random.default_rng(seed)
-            tokens, stats = sample_tokens(self.backend, cond_tokens, latent, options, rng, mode, window_stride, on_token)
+            stream = TokenStream.for_batch(seed, n)
+            tokens, stats = sample_tokens(self.backend, cond_tokens, latent, options, stream, mode, window_stride, on_token)
             started = time.perf_counter()
             images = self.backend.decode(tokens)
             decode_seconds = time.perf_counter() - started
@@ -125,6 +125,7 @@ class Pipeline:
                 "tokens": stats.tokens * n,
                 "prefills": stats.prefills,
                 "steps": stats.steps,
+                "transformer_calls": stats.transformer_calls,
                 "fed_tokens": stats.fed_tokens,
                 "sample_seconds": stats.sample_seconds,
                 "decode_seconds": decode_seconds,
