@@ -161,6 +161,7 @@ class Pipeline:
                     "tokens": stats.tokens * n,
                     "prefills": stats.prefills,
                     "steps": stats.steps,
+                    "transformer_calls": stats.transformer_calls,
                     "fed_tokens": stats.fed_tokens,
                     "sample_seconds": stats.sample_seconds,
                     "decode_seconds": decode_seconds,
