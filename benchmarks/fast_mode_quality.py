@@ -26,7 +26,7 @@ import numpy as np
 from benchlib import FIXTURE_DIR, add_model_arguments, apply_common_arguments, parse_latent, prepare_model, timed
 from taming_deploy.backends.base import Backend
 from taming_deploy.sampler import sample_tokens
-from taming_deploy.sampling import SamplingOptions
+from taming_deploy.sampling import SamplingOptions, TokenStream
 from taming_deploy.spec import ModelSpec
 from taming_deploy.windows import schedule, window_shape
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     per_image: dict[str, np.ndarray] = {}
     for mode in ("exact", "fast"):
         (image, stats), sampling = timed(
-            lambda: sample_tokens(backend, cond, latent, options, np.random.default_rng(args.seed), mode, args.window_stride))
+            lambda: sample_tokens(backend, cond, latent, options, TokenStream.for_batch(args.seed, len(cond)), mode, args.window_stride))
         nll, scoring = timed(lambda: exact_window_nll(backend, cond, image))
         per_image[mode] = nll.reshape(len(nll), -1).mean(axis=1)
         print(f"   ... {mode}: sampled in {sampling:.1f} s ({stats.prefills} prefills), scored in {scoring:.1f} s", flush=True)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from taming_deploy.engines.runtime import load_trt_backend
     from taming_deploy.errors import UserError
     from taming_deploy.sampler import sample_tokens
-    from taming_deploy.sampling import SamplingOptions
+    from taming_deploy.sampling import SamplingOptions, TokenStream
 
     try:
         gpu = cuda.device_info()
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     options = SamplingOptions(greedy=True)
     started = time.perf_counter()
     for _ in range(args.images):
-        tokens, _ = sample_tokens(backend, condition_tokens(), (h, w), options, rng)
+        tokens, _ = sample_tokens(backend, condition_tokens(), (h, w), options, TokenStream.for_batch(0, b))
         backend.decode(tokens)
     seconds = time.perf_counter() - started
     print(f"generation: {args.images * b / seconds:.3f} images/s ({args.images} x batch {b}, greedy, {width}x{height} px)")

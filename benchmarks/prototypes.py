@@ -61,8 +61,13 @@ class BoundOrtBackend(OrtBackend):
             self.options = options
 
     def new_cache(self, batch: int) -> BoundCache:
-        base = super().new_cache(batch)
-        spec = self.spec
+        return self._preallocated(super().new_cache(batch))
+
+    def cache_view(self, cache: BoundCache, start: int, stop: int) -> BoundCache:
+        return self._preallocated(super().cache_view(cache, start, stop))
+
+    def _preallocated(self, base: OrtCache) -> BoundCache:
+        spec, batch = self.spec, base.kv.shape[2]
         tokens = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64))
         position = ort.OrtValue.ortvalue_from_numpy(np.zeros((), np.int64))
         new_kv = np.zeros((spec.n_layer, 2, batch, spec.n_head, 1, spec.head_dim), self.cache_dtype)

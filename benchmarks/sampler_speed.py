@@ -1,7 +1,8 @@
 """Token-loop speed: the original loop (full recompute in PyTorch) against the cached sampler.
 
     python benchmarks/sampler_speed.py [--model default|fixture] [--checkpoint DIR] [--bundle DIR]
-        [--sizes 16x16,24x32,32x32,64x40] [--backends torch,ort[,ort-bound,ort-prefill]] [--modes original,exact,fast]
+        [--sizes 16x16,24x32,32x32,64x40] [--backends torch,ort[,ort-bound,ort-prefill]]
+        [--modes original,original-cached,exact,fast,exact-raster,fast-raster]
         [--window-stride 8] [--original-full-max 256] [--original-tokens 24] [--threads N] [--clock wall|cpu]
 
 Sizes are latent rows x columns. Decoding is greedy, batch 1, on random condition tokens (the cost does
@@ -12,14 +13,18 @@ not depend on their values). Modes:
   image, which gives the original's own logits there, since attention is causal) and the time per
   token is multiplied by the token count; such rows are marked "extrapolated". Every token costs the
   original the same pass, so the extrapolation is linear.
-- exact, fast: taming_deploy.sampler.sample_tokens in that mode (fast: --window-stride), which
-  continues a placement's cache across the rows of a band.
+- original-cached (only where the window covers the image, e.g. 16x16): the original's own cached
+  sampler, sample_with_past (reference_sampler.reference_greedy_with_past), which concatenates all
+  past keys and values before every step; column "vs with_past" is the speedup against it.
+- exact, fast: taming_deploy.sampler.sample_tokens in that mode (fast: --window-stride), the
+  wavefront order (independent cells' calls batched), which continues a placement's cache across the
+  rows of a band; exact-raster, fast-raster: the same calls one cell at a time in raster order.
 Backends: torch and ort (the runtime's); not in the default set, the prototypes of prototypes.py:
 ort-bound (per-step bindings preallocated) and ort-prefill (calls at position 0 run a graph without
 past inputs; needs a checkpoint).
 Columns: seconds per image of the token loop alone (wall time, or CPU time with --clock cpu);
-tokens/s; speedup against the original's seconds per image at that size; transformer calls
-(prefills/steps); transformer MFLOP per token, counted from the call pattern (benchlib; the formula is
+tokens/s; speedup against the original's seconds per image at that size; per-cell calls
+(prefills/steps) in how many batched transformer calls; transformer MFLOP per token, counted from the call pattern (benchlib; the formula is
 printed below the table) and the share of them spent on masked (query, key) pairs; achieved GFLOP/s
 and its fraction of the GEMM throughput of the backend's library (torch for torch and the original,
 ONNX Runtime for ort), measured in the same run (matmul_peak.py); whether exact-mode tokens equal the
@@ -42,12 +47,12 @@ from benchlib import (Clock, ModelPaths, add_model_arguments, apply_common_argum
 from taming_deploy.backends.base import Backend
 from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.sampler import SampleStats, sample_tokens
-from taming_deploy.sampling import SamplingOptions
+from taming_deploy.sampling import SamplingOptions, TokenStream
 from taming_deploy.spec import ModelSpec
 from taming_deploy.windows import clamp, window_shape
 
 DEFAULT_SIZES = "16x16,24x32,32x32,64x40"
-MODES = ("original", "exact", "fast")
+MODES = ("original", "original-cached", "exact", "fast", "exact-raster", "fast-raster")
 BACKENDS = ("torch", "ort", "ort-bound", "ort-prefill")
 GREEDY = SamplingOptions(greedy=True)
 FLOORS = {((16, 16), "exact"): 20.0, ((24, 32), "exact"): 2.0, ((24, 32), "fast"): 8.0}  # ORT vs original
@@ -142,7 +147,19 @@ def warm_up(backend: Backend) -> None:
 
 
 def run_sampler(backend: Backend, cond: np.ndarray, latent: tuple[int, int], mode: str, stride: int) -> tuple[np.ndarray, SampleStats]:
-    return sample_tokens(backend, cond, latent, GREEDY, np.random.default_rng(0), mode, stride)  # type: ignore[arg-type]
+    """``exact``/``fast``: the wavefront sampler; ``exact-raster``/``fast-raster``: the same calls one
+    cell at a time in raster order (the sampler before the wavefront)."""
+    name, _, order = mode.partition("-")
+    return sample_tokens(backend, cond, latent, GREEDY, TokenStream.for_batch(0, len(cond)), name, stride,  # type: ignore[arg-type]
+                         order="sequential" if order == "raster" else "wavefront")
+
+
+def run_original_cached(gpt, cond: np.ndarray, latent: tuple[int, int], spec: ModelSpec) -> tuple[np.ndarray, float]:
+    """The original's sample_with_past (reference_sampler.reference_greedy_with_past), timed."""
+    from taming_deploy.training.reference_sampler import reference_greedy_with_past
+
+    tokens, seconds = timed(lambda: reference_greedy_with_past(gpt, cond, latent[0] * latent[1], spec.image_codebook_size))
+    return tokens.reshape(-1, *latent), seconds
 
 
 class CountingBackend:
@@ -159,14 +176,17 @@ class CountingBackend:
     def new_cache(self, batch: int):
         return self.backend.new_cache(batch)
 
+    def cache_view(self, cache, start: int, stop: int):
+        return self.backend.cache_view(cache, start, stop)
+
     def transformer_step(self, tokens: np.ndarray, position: int, cache) -> np.ndarray:
         t = tokens.shape[1]
         if self.name == "ort-prefill" and position == 0 and t > 1:  # the prototype's graph without past slots
             self.flops += call_flops(self.spec, t, t, 1)
             self.masked_flops += full_recompute_masked_flops(self.spec, t)
-        else:  # per sequence: batch 1 here
-            self.flops += cached_call_flops(self.spec, t)
-            self.masked_flops += cached_call_masked_flops(self.spec, t, position)
+        else:
+            self.flops += cached_call_flops(self.spec, t) * tokens.shape[0]
+            self.masked_flops += cached_call_masked_flops(self.spec, t, position) * tokens.shape[0]
         return self.backend.transformer_step(tokens, position, cache)
 
 
@@ -178,13 +198,19 @@ def measure_size(latent: tuple[int, int], spec: ModelSpec, backends: dict[str, B
     cond = random_condition_tokens(spec, latent, np.random.default_rng(h * 1000 + w))
     rows: list[Row] = []
     exact_images: list[tuple[Row, np.ndarray]] = []
-    for mode in (m for m in modes if m != "original"):
+    if "original-cached" in modes and gpt is not None and window_shape(latent, spec.window) == latent:
+        tokens, seconds = run_original_cached(gpt, cond, latent, spec)
+        rows.append(Row(latent, "torch", "original-cached", seconds, f"{h * w} calls", 0, 0))
+        progress(rows[-1])
+        exact_images.append((rows[-1], tokens))
+    for mode in (m for m in modes if not m.startswith("original")):
         for name, backend in backends.items():
             counted = CountingBackend(backend)
             (tokens, stats), seconds = timed(lambda: run_sampler(counted, cond, latent, mode, stride))
-            row = Row(latent, name, mode, seconds, f"{stats.prefills}/{stats.steps}", counted.flops, counted.masked_flops)
+            row = Row(latent, name, mode, seconds, f"{stats.prefills}/{stats.steps} in {stats.transformer_calls}", counted.flops,
+                      counted.masked_flops)
             rows.append(row)
-            if mode == "exact":
+            if mode.startswith("exact"):
                 exact_images.append((row, tokens))
             progress(row)
     if "original" not in modes or gpt is None:
@@ -220,15 +246,19 @@ def progress(row: Row) -> None:
 def table_rows(rows: list[Row], peaks: dict[str, float]) -> list[list[str]]:
     """``peaks``: measured GEMM GFLOP/s of the library each backend runs on (torch, ort)."""
     original = {r.latent: r.seconds for r in rows if r.mode == "original"}
+    cached = {r.latent: r.seconds for r in rows if r.mode == "original-cached"}
     out = []
     for r in rows:
         tokens = r.latent[0] * r.latent[1]
         gflops = r.flops / r.seconds / 1e9
         speedup = f"{original[r.latent] / r.seconds:.1f}x" if r.latent in original else "-"
+        over_cached = f"{cached[r.latent] / r.seconds:.1f}x" if r.latent in cached else "-"
+        counted = r.flops > 0  # the original's cached sampler's FLOPs are not counted
         out.append([f"{r.latent[0]}x{r.latent[1]}", r.backend, r.mode, f"{r.seconds:.2f}" + ("*" if r.note else ""),
-                    f"{tokens / r.seconds:.1f}", speedup, r.calls, f"{r.flops / tokens / 1e6:,.1f}",
-                    f"{r.masked_flops / r.flops:.0%}", f"{gflops:.1f}",
-                    f"{gflops / peaks[r.backend.split('-')[0]]:.0%}", r.same_as_original])
+                    f"{tokens / r.seconds:.1f}", speedup, over_cached, r.calls,
+                    f"{r.flops / tokens / 1e6:,.1f}" if counted else "-", f"{r.masked_flops / r.flops:.0%}" if counted else "-",
+                    f"{gflops:.1f}" if counted else "-",
+                    f"{gflops / peaks[r.backend.split('-')[0]]:.0%}" if counted else "-", r.same_as_original])
     return out
 
 
@@ -298,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     for latent in sizes:
         rows += measure_size(latent, spec, backends, gpt, modes, args.window_stride, args.original_full_max, args.original_tokens)
     print(f"\nToken loop, batch 1, greedy; load average at the end {os.getloadavg()[0]:.1f}")
-    print_table(table_rows(rows, peaks), ["latent", "backend", "mode", "s/image", "tokens/s", "speedup", "prefills/steps",
+    print_table(table_rows(rows, peaks), ["latent", "backend", "mode", "s/image", "tokens/s", "speedup", "vs with_past", "prefills/steps",
                                          "MFLOP/token", "masked", "GFLOP/s", "of peak", "same as original"])
     if any(r.note for r in rows):
         print("* the original loop extrapolated from a timed subset of tokens (see --original-full-max)")

@@ -39,7 +39,7 @@ from taming_deploy import sampler as sampler_module
 from taming_deploy.backends.base import Backend
 from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.sampler import sample_tokens
-from taming_deploy.sampling import SamplingOptions, choose_tokens
+from taming_deploy.sampling import SamplingOptions, TokenStream, choose_tokens
 from taming_deploy.spec import ModelSpec
 from taming_deploy.windows import Mode, schedule
 
@@ -89,8 +89,11 @@ class StoredLogitsBackend:
     def new_cache(self, batch: int) -> None:
         return None
 
+    def cache_view(self, cache: None, start: int, stop: int) -> None:
+        return None
+
     def transformer_step(self, tokens: np.ndarray, position: int, cache: None) -> np.ndarray:
-        return self.logits
+        return np.repeat(self.logits, tokens.shape[0], axis=0)
 
 
 def sampler_seconds_per_token(spec: ModelSpec, options: SamplingOptions) -> float:
@@ -99,7 +102,7 @@ def sampler_seconds_per_token(spec: ModelSpec, options: SamplingOptions) -> floa
     backend = StoredLogitsBackend(spec, rng.normal(size=(1, spec.vocab_size)).astype(np.float32))
     wh, ww = spec.window
     cond = random_condition_tokens(spec, (wh, ww), rng)
-    seconds = best_seconds(lambda: sample_tokens(backend, cond, (wh, ww), options, rng), repeat=5)
+    seconds = best_seconds(lambda: sample_tokens(backend, cond, (wh, ww), options, TokenStream.for_batch(0, 1)), repeat=5)
     return seconds / (wh * ww)
 
 
@@ -151,9 +154,9 @@ def print_step_parts(spec: ModelSpec, bundle: Path, threads: int | None, probe: 
     argmax = sampler_seconds_per_token(spec, GREEDY)
     topk = sampler_seconds_per_token(spec, SamplingOptions(top_k=100))
     logits = np.random.default_rng(0).normal(size=(1, spec.vocab_size)).astype(np.float32)
-    rng = np.random.default_rng(0)
-    choose_greedy = best_seconds(lambda: choose_tokens(logits, GREEDY, rng), repeat=200)
-    choose_topk = best_seconds(lambda: choose_tokens(logits, SamplingOptions(top_k=100), rng), repeat=200)
+    uniforms = TokenStream.for_batch(0, 1).uniforms(np.zeros(1, np.int64), np.zeros(1), np.zeros(1))
+    choose_greedy = best_seconds(lambda: choose_tokens(logits, GREEDY, uniforms), repeat=200)
+    choose_topk = best_seconds(lambda: choose_tokens(logits, SamplingOptions(top_k=100), uniforms), repeat=200)
     total = sum(parts.values()) + argmax
     rows = [["sampler per token: window slice, feed, bookkeeping, argmax", f"{argmax * 1e6:.1f}", f"{argmax / total:.1%}"]]
     rows += [[f"OrtBackend: {part}", f"{seconds * 1e6:.1f}", f"{seconds / total:.1%}"] for part, seconds in parts.items()]
@@ -338,7 +341,7 @@ def reuse_rows(spec: ModelSpec, sizes: list[tuple[int, int]], stride: int) -> li
                     cells.append("-")
                     continue
                 with cache_budget(budget):
-                    _, stats = sample_tokens(backend, cond, latent, GREEDY, np.random.default_rng(0), mode, stride)  # type: ignore[arg-type]
+                    _, stats = sample_tokens(backend, cond, latent, GREEDY, TokenStream.for_batch(0, len(cond)), mode, stride)  # type: ignore[arg-type]
                 cells.append(f"{stats.prefills}/{stats.steps} ({stats.fed_tokens})")
             rows.append([f"{latent[0]}x{latent[1]}", mode, str(columns), *cells, str(largest_full_reuse_batch(spec, columns))])
     return rows
@@ -370,7 +373,7 @@ def print_loops(found: list[Variant], spec: ModelSpec, probe: Probe, sizes: list
             for name, backend, budget in setups:
                 with cache_budget(budget):
                     (tokens, stats), seconds = timed(
-                        lambda: sample_tokens(backend, cond, (h, w), GREEDY, np.random.default_rng(0), mode=mode, stride=stride))
+                        lambda: sample_tokens(backend, cond, (h, w), GREEDY, TokenStream.for_batch(0, len(cond)), mode=mode, stride=stride))
                 if reference is None:
                     reference, baseline = tokens, seconds
                 rows.append([f"{h}x{w}", mode, name, f"{stats.prefills}/{stats.steps}", str(stats.fed_tokens),

@@ -60,13 +60,14 @@ def past_offsets(spec: ModelSpec, batch: int, dtype: np.dtype | str) -> dict[str
 @dataclass(frozen=True)
 class Copy2D:
     """The arguments of one cudaMemcpy2DAsync: ``height`` rows of ``width`` bytes, row r read at
-    src + r x src_pitch and written at dst + dst_offset + r x dst_pitch."""
+    src + src_offset + r x src_pitch and written at dst + dst_offset + r x dst_pitch."""
 
     dst_offset: int
     dst_pitch: int
     src_pitch: int
     width: int
     height: int
+    src_offset: int = 0
 
     def extent(self, pitch: int, offset: int = 0) -> int:
         """One past the last byte touched on a side with this pitch and start offset."""
@@ -92,3 +93,30 @@ def scatter_new_kv(spec: ModelSpec, batch: int, tokens: int, position: int, dtyp
         width=tokens * row,
         height=spec.n_layer * 2 * batch * spec.n_head,
     )
+
+
+def view_past_offsets(spec: ModelSpec, kv_batch: int, start: int, dtype: np.dtype | str) -> dict[str, int]:
+    """past_offsets of the sequences start.. of a cache laid out for ``kv_batch`` sequences: each
+    layer's keys (values) of consecutive sequences are consecutive, so a range of them is one
+    (batch, n_head, block_size, head_dim) block starting ``start`` sequences in."""
+    sequence = tensor_bytes((spec.n_head, spec.block_size, spec.head_dim), dtype)
+    return {name: offset + start * sequence for name, offset in past_offsets(spec, kv_batch, dtype).items()}
+
+
+def scatter_new_kv_view(spec: ModelSpec, batch: int, tokens: int, position: int, dtype: np.dtype | str, kv_batch: int,
+                        start: int) -> list[Copy2D]:
+    """The copies that write new_kv of ``batch`` sequences into sequences start..start+batch-1 of a
+    cache laid out for ``kv_batch``: one copy when they are the whole cache (scatter_new_kv), else
+    one per layer and keys/values (between those blocks the destination skips the other sequences)."""
+    whole = scatter_new_kv(spec, batch, tokens, position, dtype)
+    if (start, batch) == (0, kv_batch):
+        return [whole]
+    if start < 0 or start + batch > kv_batch:
+        raise ValueError(f"sequences {start}..{start + batch - 1} are not in a cache of {kv_batch}")
+    rows = batch * spec.n_head
+    sequence = spec.n_head * spec.block_size * spec.head_dim * np.dtype(dtype).itemsize
+    return [
+        Copy2D(dst_offset=block * kv_batch * sequence + start * sequence + whole.dst_offset, dst_pitch=whole.dst_pitch,
+               src_pitch=whole.src_pitch, width=whole.width, height=rows, src_offset=block * rows * whole.src_pitch)
+        for block in range(spec.n_layer * 2)
+    ]

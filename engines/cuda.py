@@ -134,23 +134,24 @@ def copy_to_host(out: np.ndarray, src: DeviceBuffer, stream: Stream) -> None:
 
 def copy_2d_on_device(
     dst: DeviceBuffer, dst_offset: int, dst_pitch: int, src: DeviceBuffer, src_pitch: int, width: int, height: int,
-    stream: Stream,
+    stream: Stream, src_offset: int = 0,
 ) -> None:
     """Queue a strided device -> device copy: ``height`` rows of ``width`` bytes, row r read at
-    src + r * src_pitch and written at dst + dst_offset + r * dst_pitch (cudaMemcpy2DAsync). The
+    src + src_offset + r * src_pitch and written at dst + dst_offset + r * dst_pitch (cudaMemcpy2DAsync). The
     rows must lie inside both buffers (the GPU would not say when they do not) and the buffers must
     differ (cudaMemcpy2D's areas may not overlap)."""
     if dst is src:
         raise ValueError("a 2-D copy between parts of one buffer may overlap")
-    if width > dst_pitch or width > src_pitch or min(width, height, dst_offset, dst_pitch, src_pitch) < 0:
+    if width > dst_pitch or width > src_pitch or min(width, height, dst_offset, dst_pitch, src_pitch, src_offset) < 0:
         raise ValueError(f"a {width}-byte row does not fit the pitches {dst_pitch} (dst) / {src_pitch} (src)")
-    if height and (dst_offset + (height - 1) * dst_pitch + width > dst.nbytes or (height - 1) * src_pitch + width > src.nbytes):
+    if height and (dst_offset + (height - 1) * dst_pitch + width > dst.nbytes
+                   or src_offset + (height - 1) * src_pitch + width > src.nbytes):
         raise ValueError(f"{height} rows of {width} bytes overrun the {dst.nbytes}-byte destination or the {src.nbytes}-byte source")
     if not width or not height:
         return
     rt = deps.cudart()
     kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-    check(rt.cudaMemcpy2DAsync(dst.ptr + dst_offset, dst_pitch, src.ptr, src_pitch, width, height, kind, stream.handle),
+    check(rt.cudaMemcpy2DAsync(dst.ptr + dst_offset, dst_pitch, src.ptr + src_offset, src_pitch, width, height, kind, stream.handle),
           "cudaMemcpy2DAsync(D2D)")
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from taming_deploy.engines import cuda, deps
-from taming_deploy.engines.buffers import past_offsets, scatter_new_kv, step_buffers
+from taming_deploy.engines.buffers import scatter_new_kv_view, step_buffers, view_past_offsets
 from taming_deploy.engines.engine_manifest import EngineEntry, Environment, engines_dir, incompatibility, io_mismatch, read_engine_manifest
 from taming_deploy.engines.profiles import Profile, past_names, transformer_io_problem, transformer_profile_index, transformer_shapes
 from taming_deploy.bundle import Bundle
@@ -59,7 +59,8 @@ class _Engine:
 
 @dataclass(eq=False)
 class TrtCache:
-    """A transformer cache for ``batch`` sequences, resident on the GPU."""
+    """A transformer cache for ``batch`` sequences, resident on the GPU: sequences start.. of a kv
+    buffer laid out for ``kv_batch`` (a view shares its cache's buffers, see TrtBackend.cache_view)."""
 
     batch: int
     kv: cuda.DeviceBuffer  # (n_layer, 2, batch, n_head, block_size, head_dim): the engine reads it, the scatter writes it
@@ -70,6 +71,8 @@ class TrtCache:
     logits_host: np.ndarray
     dtype: np.dtype  # of the cache and new_kv
     addresses: dict[str, int] = field(default_factory=dict)  # every transformer tensor -> its device address
+    start: int = 0
+    kv_batch: int = 0  # 0: batch
     graph: cuda.CudaGraph | None = None  # the captured decode-step execution, once there is one
     serial: int = field(default_factory=itertools.count().__next__)  # tells caches apart for the decode context
 
@@ -204,11 +207,21 @@ class TrtBackend:
 
     # -- the cached transformer ------------------------------------------------------------------
 
-    def new_cache(self, batch: int) -> TrtCache:
+    @property
+    def max_batch(self) -> int:
+        """The most sequences one transformer call can take (the decode profile's largest batch)."""
+        engine = self._engines["transformer"]
+        return engine.profiles[transformer_profile_index(engine.profiles, 1)].shapes["tokens"].max[0]
+
+    def _check_batch(self, batch: int) -> None:
         engine = self._engines["transformer"]
         decode = transformer_profile_index(engine.profiles, 1)
         if reason := engine.profiles[decode].violation(transformer_shapes(self.spec, batch, 1)):
             raise UserError(f"the transformer engine cannot take a batch of {batch}: {reason}")
+
+    def new_cache(self, batch: int) -> TrtCache:
+        """May hold more sequences than one call takes (max_batch): the sampler runs views of it."""
+        engine = self._engines["transformer"]
         dtype = engine.dtypes[past_names(self.spec.n_layer)[0]]  # transformer_io_problem: every past input and new_kv
         sizes = step_buffers(self.spec, batch, dtype, engine.dtypes["logits"])
         buffers: dict[str, cuda.DeviceBuffer] = {}
@@ -224,7 +237,7 @@ class TrtBackend:
                 buffer.free()
             raise
         kv = buffers["kv"]
-        addresses = {name: kv.ptr + offset for name, offset in past_offsets(self.spec, batch, dtype).items()}
+        addresses = {name: kv.ptr + offset for name, offset in view_past_offsets(self.spec, batch, 0, dtype).items()}
         addresses.update({name: buffers[name].ptr for name in ("tokens", "position", "logits", "new_kv")})
         return TrtCache(
             batch=batch,
@@ -237,6 +250,22 @@ class TrtBackend:
             dtype=dtype,
             addresses=addresses,
         )
+
+    def cache_view(self, cache: TrtCache, start: int, stop: int) -> TrtCache:
+        """Sequences start..stop-1 of ``cache``: the engine's past inputs are bound inside its kv
+        buffer, and its token, position, logits and new_kv buffers (sized for all of its sequences)
+        are shared, as a view runs on the same stream."""
+        kv_batch = cache.kv_batch or cache.batch
+        if not 0 <= start < stop <= kv_batch:
+            raise ValueError(f"sequences {start}..{stop - 1} are not in a cache of {kv_batch}")
+        self._check_batch(stop - start)
+        addresses = dict(cache.addresses)
+        offsets = view_past_offsets(self.spec, kv_batch, cache.start + start, cache.dtype)
+        addresses.update({name: cache.kv.ptr + offset for name, offset in offsets.items()})
+        logits_host = np.empty((stop - start, self.spec.vocab_size), cache.logits_host.dtype)
+        return TrtCache(batch=stop - start, kv=cache.kv, new_kv=cache.new_kv, tokens=cache.tokens, position=cache.position,
+                        logits=cache.logits, logits_host=logits_host, dtype=cache.dtype, addresses=addresses,
+                        start=cache.start + start, kv_batch=kv_batch)
 
     def transformer_step(self, tokens: np.ndarray, position: int, cache: TrtCache) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
@@ -263,9 +292,9 @@ class TrtBackend:
             if decoding:
                 self._decode_bound = cache.serial
         # the same stream orders the copy after the engine has read the cache and written new_kv
-        copy = scatter_new_kv(self.spec, batch, count, position, cache.dtype)
-        cuda.copy_2d_on_device(cache.kv, copy.dst_offset, copy.dst_pitch, cache.new_kv, copy.src_pitch,
-                               copy.width, copy.height, self.stream)
+        for copy in scatter_new_kv_view(self.spec, batch, count, position, cache.dtype, cache.kv_batch or batch, cache.start):
+            cuda.copy_2d_on_device(cache.kv, copy.dst_offset, copy.dst_pitch, cache.new_kv, copy.src_pitch,
+                                   copy.width, copy.height, self.stream, copy.src_offset)
         cuda.copy_to_host(cache.logits_host, cache.logits, self.stream)
         self.stream.synchronize()
         if use_graph and cache.graph is None:

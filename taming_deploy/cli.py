@@ -327,6 +327,46 @@ def eval_command(
              bar=progress_bar, echo=typer.echo)
 
 
+@app.command()
+@user_errors_exit
+def serve(
+    model: Annotated[Optional[Path], typer.Argument(help="Bundle or checkpoint directory [default: the embedded model]")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    replicas: Annotated[int, typer.Option(help="Pipeline replicas (Ray actors), spread over the cluster's nodes")] = 1,
+    address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (e.g. ray://head:10001 or head:6379) instead of starting a one-node Ray here")] = None,
+    backend: Annotated[str, typer.Option(help="auto, torch, ort or trt, in every replica")] = "auto",
+    max_batch: Annotated[int, typer.Option(help="Requests a replica samples together (1: no batching)")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a replica waits for more requests before sampling a batch")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest request: output pixels, all n images together")] = 1024 * 1024,
+    max_n: Annotated[int, typer.Option(help="Largest n per request")] = 8,
+    timeout_s: Annotated[float, typer.Option(help="Request timeout (seconds)")] = 600.0,
+    cpus_per_replica: Annotated[float, typer.Option(help="CPUs Ray reserves for each replica")] = 1.0,
+) -> None:
+    """Serve generation over HTTP on Ray Serve (POST /generate, GET /health, GET /info)."""
+    try:
+        from taming_deploy.serving import ServiceConfig, serve_forever
+    except ImportError as exc:
+        raise UserError(f"serve needs Ray Serve ({exc.name} is missing): pip install 'taming-deploy[serve]'") from None
+    from taming_deploy.http_request import ServiceLimits
+    from taming_deploy.pipeline import Pipeline
+
+    if backend not in ("auto", "torch", "ort", "trt"):
+        raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
+    for name, value in (("--replicas", replicas), ("--max-batch", max_batch), ("--max-pixels", max_pixels), ("--max-n", max_n)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    if batch_wait_ms < 0 or timeout_s <= 0 or cpus_per_replica < 0:
+        raise UserError("--batch-wait-ms and --cpus-per-replica must be >= 0 and --timeout-s > 0")
+    Pipeline.load(model, backend)  # type: ignore[arg-type]  # a bad model fails here, in one line, before Ray starts
+    config = ServiceConfig(model=None if model is None else str(model.resolve()), backend=backend,
+                           limits=ServiceLimits(max_pixels=max_pixels, max_n=max_n), max_batch=max_batch,
+                           batch_wait_s=batch_wait_ms / 1000)
+    serve_forever(config, host, port, replicas, address, timeout_s, cpus_per_replica, echo=lambda line: typer.echo(line, err=True))
+
+
 def main() -> None:
     app(prog_name="taming-deploy")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from taming_deploy.conditions import (
 from taming_deploy.errors import UserError
 from taming_deploy.images import to_pil
 from taming_deploy.sampler import sample_tokens
-from taming_deploy.sampling import SamplingOptions
+from taming_deploy.sampling import SamplingOptions, TokenStream
 from taming_deploy.windows import Mode
 
 Condition = ImageSource | int | None
@@ -42,9 +42,10 @@ class Generation:
 class Pipeline:
     """A model on one backend.
 
-    Thread safety: ``generate`` holds one lock per pipeline, so concurrent calls from several threads
-    are safe and run one after another (each call's result is the same as if it ran alone). For
-    parallel generation, load one pipeline per thread or batch the requests with ``n``.
+    Thread safety: ``generate`` and ``generate_batch`` hold one lock per pipeline, so concurrent calls
+    from several threads are safe and run one after another (each call's result is the same as if it
+    ran alone). For throughput, batch requests: ``n`` images of one condition, or ``generate_batch``
+    for requests with different conditions and seeds.
     """
 
     def __init__(self, backend: Backend):
@@ -108,31 +109,100 @@ class Pipeline:
         on_token: Callable[[int, int], None] | None = None,
     ) -> Generation:
         """Sample ``n`` images for one condition in one batch; the same seed gives the same images."""
-        if n < 1:
-            raise UserError(f"n must be >= 1, got {n}")
-        options = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+        request = GenerationRequest(cond, n, size, seed, mode, window_stride, greedy, top_k, top_p, temperature)
+        return self.generate_batch([request], on_token=on_token)[0]
+
+    def generate_batch(self, requests: Sequence[GenerationRequest],
+                       on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+        """Several requests, each with its own condition, seed and options, in as few sampler runs as
+        possible: requests of the same latent size and sampling options share one run (one transformer
+        call per step for all their images). Each request's images equal what it gives alone, because
+        every image draws from its own random stream, keyed by (seed, image index, latent cell)."""
+        for request in requests:
+            if request.n < 1:
+                raise UserError(f"n must be >= 1, got {request.n}")
         with self._lock:
-            cond_tokens, latent = self.condition_tokens(cond, size)
-            cond_tokens = np.repeat(cond_tokens, n, axis=0)
-            rng = np.random.default_rng(seed)
-            tokens, stats = sample_tokens(self.backend, cond_tokens, latent, options, rng, mode, window_stride, on_token)
-            started = time.perf_counter()
-            images = self.backend.decode(tokens)
-            decode_seconds = time.perf_counter() - started
-        return Generation(
-            images=to_pil(images),
-            tokens=tokens,
-            stats={
-                "backend": self.backend.name,
-                "mode": mode,
-                "window_stride": window_stride if mode == "fast" else None,
-                "n": n,
-                "latent_hw": list(latent),
-                "tokens": stats.tokens * n,
-                "prefills": stats.prefills,
-                "steps": stats.steps,
-                "fed_tokens": stats.fed_tokens,
-                "sample_seconds": stats.sample_seconds,
-                "decode_seconds": decode_seconds,
-            },
-        )
+            prepared = [self.prepare(request) for request in requests]
+            groups: dict[tuple, list[int]] = {}
+            for index, item in enumerate(prepared):
+                groups.setdefault(item.batch_key, []).append(index)
+            results: list[Generation | None] = [None] * len(requests)
+            for indices in groups.values():
+                for index, generation in zip(indices, self.sample_group([prepared[k] for k in indices], on_token)):
+                    results[index] = generation
+        return results  # type: ignore[return-value]
+
+    def prepare(self, request: GenerationRequest) -> "PreparedRequest":
+        options = SamplingOptions(greedy=request.greedy, temperature=request.temperature, top_k=request.top_k,
+                                  top_p=request.top_p)
+        cond_tokens, latent = self.condition_tokens(request.cond, request.size)
+        seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
+        return PreparedRequest(request, options, np.repeat(cond_tokens, request.n, axis=0), latent, seed)
+
+    def sample_group(self, group: list["PreparedRequest"], on_token: Callable[[int, int], None] | None) -> list[Generation]:
+        """One sampler run and one decode for requests that share a batch key."""
+        first = group[0]
+        stream = TokenStream.for_requests([p.seed for p in group for _ in range(p.request.n)],
+                                          [k for p in group for k in range(p.request.n)])
+        cond_tokens = np.concatenate([p.cond_tokens for p in group])
+        tokens, stats = sample_tokens(self.backend, cond_tokens, first.latent, first.options, stream,
+                                      first.request.mode, first.request.window_stride, on_token)
+        started = time.perf_counter()
+        images = to_pil(self.backend.decode(tokens))
+        decode_seconds = time.perf_counter() - started
+        generations, start = [], 0
+        for p in group:
+            n, request = p.request.n, p.request
+            generations.append(Generation(
+                images=images[start : start + n],
+                tokens=tokens[start : start + n],
+                stats={
+                    "backend": self.backend.name,
+                    "mode": request.mode,
+                    "window_stride": request.window_stride if request.mode == "fast" else None,
+                    "n": n,
+                    "batch": len(tokens),  # images sampled together with this request's
+                    "seed": p.seed,
+                    "latent_hw": list(p.latent),
+                    "tokens": stats.tokens * n,
+                    "prefills": stats.prefills,
+                    "steps": stats.steps,
+                    "transformer_calls": stats.transformer_calls,
+                    "fed_tokens": stats.fed_tokens,
+                    "sample_seconds": stats.sample_seconds,
+                    "decode_seconds": decode_seconds,
+                },
+            ))
+            start += n
+        return generations
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One caller's request: what ``Pipeline.generate`` takes, as a value (for ``generate_batch``)."""
+
+    cond: Condition = None
+    n: int = 1
+    size: tuple[int, int] | None = None  # (width, height) pixels
+    seed: int | None = None
+    mode: Mode = "exact"
+    window_stride: int = 8
+    greedy: bool = False
+    top_k: int | None = 100
+    top_p: float | None = None
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    request: GenerationRequest
+    options: SamplingOptions
+    cond_tokens: np.ndarray  # (n, ...) the condition's tokens, one row per image
+    latent: tuple[int, int]
+    seed: int  # the request's seed, drawn when it had none
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys run in one sampler call."""
+        r = self.request
+        return self.latent, self.options, r.mode, r.window_stride if r.mode == "fast" else None

@@ -5,8 +5,14 @@ point; each target then costs one call that feeds the tokens between that point 
 (one token when targets are neighbours). A placement's cache is filled by a prefill the first time,
 and kept for the next rows while the window's top row stays the same (the top and bottom bands of
 the image, where the original's window does not move down): the tokens it holds are final, so
-continuing it gives the same logits as a new prefill. See windows.py for where the window goes and
-DESIGN.md for the cost model.
+continuing it gives the same logits as a new prefill. See windows.py for where the window goes,
+wavefront.py for which calls run together, and DESIGN.md for the cost model.
+
+The calls of one wavefront step are independent; those that feed the same number of tokens at the
+same position run as one transformer call over a contiguous range of the cache pool. (The graph
+takes one position for its whole batch and returns the last fed position's logits, so calls of
+different lengths cannot be padded into one batch; they are grouped instead. In the middle of an
+image every row's call has the same shape, so the groups are large.)
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from taming_deploy.backends.base import Backend
-from taming_deploy.sampling import SamplingOptions, choose_tokens
-from taming_deploy.windows import Mode, schedule, window_shape
+from taming_deploy.sampling import SamplingOptions, TokenStream, choose_tokens
+from taming_deploy.wavefront import Call, Order, plan
+from taming_deploy.windows import Mode, window_shape
 
 CACHE_MEMORY_BUDGET = 1 << 30  # bytes of transformer caches kept for reuse across rows
 
@@ -27,43 +34,12 @@ CACHE_MEMORY_BUDGET = 1 << 30  # bytes of transformer caches kept for reuse acro
 @dataclass
 class SampleStats:
     tokens: int = 0  # latent cells sampled (per image)
-    prefills: int = 0  # transformer calls that start a placement at position 0
-    steps: int = 0  # transformer calls that continue a placement from its cache
+    prefills: int = 0  # per-cell calls that start a placement at position 0
+    steps: int = 0  # per-cell calls that continue a placement from its cache
     fed_tokens: int = 0  # tokens run through the transformer in all calls (per image)
+    transformer_calls: int = 0  # batched transformer calls actually run
+    wavefront_steps: int = 0  # steps of the plan (calls of a step are independent)
     sample_seconds: float = 0.0  # the token loop alone
-
-
-class PlacementCaches:
-    """Caches of the placements in the current band of rows, keyed by the window's left column.
-
-    At most ``capacity`` placements keep their cache; the others share one scratch cache that is
-    refilled every time. (Evicting the least recently used instead would evict, in a band with more
-    placements than capacity, exactly the cache needed next, and reuse nothing at all.)
-    """
-
-    def __init__(self, backend: Backend, batch: int, capacity: int):
-        self.backend, self.batch, self.capacity = backend, batch, max(1, capacity - 1)
-        self.top: int | None = None
-        self.kept: dict[int, tuple[Any, int | None]] = {}  # left -> (cache, window tokens it holds)
-        self.scratch: Any = None
-
-    def get(self, top: int, left: int) -> tuple[Any, int | None]:
-        """The cache for a placement and how many window tokens it holds (None: nothing yet)."""
-        if top != self.top:  # a new band: every kept cache is stale (its memory is reused)
-            self.top = top
-            self.kept = {k: (cache, None) for k, (cache, _) in self.kept.items()}
-        if left in self.kept:
-            return self.kept[left]
-        if len(self.kept) < self.capacity:
-            self.kept[left] = (self.backend.new_cache(self.batch), None)
-            return self.kept[left]
-        if self.scratch is None:
-            self.scratch = self.backend.new_cache(self.batch)
-        return self.scratch, None
-
-    def put(self, left: int, cache: Any, filled: int) -> None:
-        if left in self.kept:
-            self.kept[left] = (cache, filled)
 
 
 def cache_capacity(backend: Backend, batch: int) -> int:
@@ -72,52 +48,90 @@ def cache_capacity(backend: Backend, batch: int) -> int:
     return CACHE_MEMORY_BUDGET // cache_bytes
 
 
+def runs(calls: tuple[Call, ...], key: Callable[[Call], tuple[int, int]], max_slots: int) -> list[list[Call]]:
+    """The step's calls as batches: the same (position, length), consecutive slots, at most ``max_slots``."""
+    batches: list[list[Call]] = []
+    for call in sorted(calls, key=lambda c: (key(c), c.slot)):
+        last = batches[-1] if batches else None
+        if last and len(last) < max_slots and key(last[-1]) == key(call) and last[-1].slot + 1 == call.slot:
+            batches[-1].append(call)
+        else:
+            batches.append([call])
+    return batches
+
+
 def sample_tokens(
     backend: Backend,
     condition_tokens: np.ndarray,
     latent_hw: tuple[int, int],
     options: SamplingOptions,
-    rng: np.random.Generator,
+    stream: TokenStream,
     mode: Mode = "exact",
     stride: int = 8,
     on_token: Callable[[int, int], None] | None = None,
+    order: Order = "wavefront",
 ) -> tuple[np.ndarray, SampleStats]:
-    """Sample (N, h, w) image tokens.
+    """Sample (N, h, w) image tokens; entry b draws its random numbers from ``stream``'s entry b.
 
     ``condition_tokens`` is (N, h, w) for spatial conditions (same grid as the image) and (N, Lc)
-    otherwise (the class token or the SOS token). ``on_token(done, total)`` is called after each token.
+    otherwise (the class token or the SOS token). ``on_token(done, total)`` is called after each
+    transformer call with the cells (per image) sampled so far. ``order="sequential"`` samples in
+    raster order, one cell per call: the same tokens, slower (kept as the reference in tests).
     """
     spec = backend.spec
     n, (h, w) = condition_tokens.shape[0], latent_hw
+    if len(stream) != n:
+        raise ValueError(f"{len(stream)} random streams for a batch of {n}")
     spatial = spec.condition.spatial
     if spatial and condition_tokens.shape[1:] != (h, w):
         raise ValueError(f"condition grid {condition_tokens.shape[1:]} differs from the latent grid {(h, w)}")
     wh, ww = window_shape(latent_hw, spec.window)
+    prefix_length = wh * ww if spatial else condition_tokens.shape[1]
+    schedule = plan(latent_hw, spec.window, mode, stride, max(1, cache_capacity(backend, n) - 1), order)
+    pool: Any = backend.new_cache(schedule.slots * n)
+    views: dict[tuple[int, int], Any] = {}
+    limit = getattr(backend, "max_batch", None)  # TensorRT: its engine's largest batch
+    max_slots = max(1, limit // n) if limit else schedule.slots
+
+    def cache(first: int, count: int) -> Any:
+        if (first, count) not in views:
+            views[first, count] = backend.cache_view(pool, first * n, (first + count) * n)
+        return views[first, count]
     image = np.zeros((n, h, w), dtype=np.int64)
-    stats = SampleStats(tokens=h * w)
-    caches = PlacementCaches(backend, n, cache_capacity(backend, n))
+    stats = SampleStats(tokens=h * w, wavefront_steps=len(schedule.steps))
+    entries = np.arange(n)
+
+    def key(call: Call) -> tuple[int, int]:  # (position, fed tokens)
+        if call.cached is None:
+            return 0, prefix_length + call.target
+        return prefix_length + call.cached, call.target - call.cached
+
+    def feed(call: Call) -> np.ndarray:
+        top, left = call.top, call.left
+        window = image[:, top : top + wh, left : left + ww].reshape(n, -1)
+        if call.cached is not None:
+            return window[:, call.cached : call.target]
+        prefix = condition_tokens[:, top : top + wh, left : left + ww].reshape(n, -1) if spatial else condition_tokens
+        return np.concatenate((prefix, window[:, : call.target]), axis=1)
+
     done = 0
     started = time.perf_counter()
-    for placement in schedule(latent_hw, spec.window, mode, stride):
-        top, left = placement.top, placement.left
-        prefix = condition_tokens[:, top : top + wh, left : left + ww].reshape(n, -1) if spatial else condition_tokens
-        cache, filled = caches.get(top, left)  # filled: window tokens [0, filled) are in the cache
-        for i, j in placement.targets:
-            target = (i - top) * ww + (j - left)
-            window = image[:, top : top + wh, left : left + ww].reshape(n, -1)
-            if filled is None:
-                feed, position = np.concatenate((prefix, window[:, :target]), axis=1), 0
-                stats.prefills += 1
-            else:
-                feed, position = window[:, filled:target], prefix.shape[1] + filled
-                stats.steps += 1
-            logits = backend.transformer_step(feed, position, cache)
-            image[:, i, j] = choose_tokens(logits[:, : spec.image_codebook_size], options, rng)
-            stats.fed_tokens += feed.shape[1]
-            filled = target
-            done += 1
-            if on_token is not None:
-                on_token(done, stats.tokens)
-        caches.put(left, cache, filled)  # type: ignore[arg-type]
+    for step in schedule.steps:
+        for batch in runs(step, key, max_slots):
+            first, count = batch[0].slot, len(batch)
+            position, length = key(batch[0])
+            logits = backend.transformer_step(np.concatenate([feed(c) for c in batch], axis=0), position, cache(first, count))
+            rows = np.repeat([c.cell[0] for c in batch], n)
+            cols = np.repeat([c.cell[1] for c in batch], n)
+            uniforms = stream.uniforms(np.tile(entries, count), rows, cols)
+            chosen = choose_tokens(logits[:, : spec.image_codebook_size], options, uniforms)
+            image[:, [c.cell[0] for c in batch], [c.cell[1] for c in batch]] = chosen.reshape(count, n).T
+            stats.transformer_calls += 1
+            stats.fed_tokens += length * count
+            stats.prefills += sum(c.cached is None for c in batch)
+            stats.steps += sum(c.cached is not None for c in batch)
+        done += len(step)
+        if on_token is not None:
+            on_token(done, stats.tokens)
     stats.sample_seconds = time.perf_counter() - started
     return image, stats

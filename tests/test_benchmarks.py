@@ -21,7 +21,7 @@ import sampler_speed  # noqa: E402
 import step_profile  # noqa: E402
 from taming_deploy.backends.torch_backend import TorchBackend  # noqa: E402
 from taming_deploy.sampler import sample_tokens  # noqa: E402
-from taming_deploy.sampling import SamplingOptions  # noqa: E402
+from taming_deploy.sampling import SamplingOptions, TokenStream  # noqa: E402
 from taming_deploy.spec import ConditionSpec, ModelSpec  # noqa: E402
 from taming_deploy.training.reference_sampler import reference_greedy  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_counted_flops_follow_the_sampler_call_pattern():
     spec = default_size_spec()
     counted = sampler_speed.CountingBackend(step_profile.StoredLogitsBackend(spec, np.zeros((1, 512), np.float32)))
     cond = np.random.default_rng(3).integers(0, 256, (1, 16, 16))
-    _, stats = sample_tokens(counted, cond, (16, 16), GREEDY, np.random.default_rng(0), "exact")
+    _, stats = sample_tokens(counted, cond, (16, 16), GREEDY, TokenStream.for_batch(0, len(cond)), "exact")
     assert (stats.prefills, stats.steps) == (1, 255)
     S, d, L = 512, 256, 6
     pairs = 256 * (S + 256) + 255 * (S + 1)
@@ -75,7 +75,7 @@ def test_counted_flops_follow_the_sampler_call_pattern():
     # the prefill-graph prototype's prefill attends over its 256 tokens only
     counted.name = "ort-prefill"
     counted.flops = counted.masked_flops = 0
-    sample_tokens(counted, cond, (16, 16), GREEDY, np.random.default_rng(0), "exact")
+    sample_tokens(counted, cond, (16, 16), GREEDY, TokenStream.for_batch(0, len(cond)), "exact")
     assert counted.flops == linear + 2 * L * 2 * (256 * 256 + 255 * (S + 1)) * d + 256 * 2 * d * 512
     assert counted.masked_flops == 2 * L * 2 * (256 * 255 // 2 + sum(S - p for p in range(256, 511))) * d
 
@@ -97,7 +97,7 @@ def test_cache_budget_helpers():
     assert step_profile.band_columns((24, 32), spec.window, "exact", 8) == 17  # left offsets 0..16
     assert step_profile.band_columns((16, 16), spec.window, "exact", 8) == 1
     cond = np.zeros((1, 24, 32), np.int64)
-    run = lambda: sample_tokens(backend, cond, (24, 32), GREEDY, np.random.default_rng(0), "exact")[1]  # noqa: E731
+    run = lambda: sample_tokens(backend, cond, (24, 32), GREEDY, TokenStream.for_batch(0, len(cond)), "exact")[1]  # noqa: E731
     own = run()
     with step_profile.cache_budget(1):
         single = run()
@@ -169,9 +169,9 @@ def test_prototype_backends_return_the_runtime_logits_cache_and_tokens(fixture_b
         np.testing.assert_allclose(cache.kv, expected_cache.kv, atol=1e-5, rtol=0, err_msg=backend.name)
     cond = np.random.default_rng(8).integers(0, 32, (1, 20, 24))
     for mode in ("exact", "fast"):
-        want, _ = sample_tokens(runtime, cond, (20, 24), GREEDY, np.random.default_rng(0), mode)
+        want, _ = sample_tokens(runtime, cond, (20, 24), GREEDY, TokenStream.for_batch(0, len(cond)), mode)
         for backend in candidates:
-            got, _ = sample_tokens(backend, cond, (20, 24), GREEDY, np.random.default_rng(0), mode)
+            got, _ = sample_tokens(backend, cond, (20, 24), GREEDY, TokenStream.for_batch(0, len(cond)), mode)
             np.testing.assert_array_equal(got, want, err_msg=f"{backend.name} {mode}")
 
 

@@ -16,7 +16,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from taming_deploy.engines import deps, onnx_support
-from taming_deploy.engines.buffers import Copy2D, cache_bytes, new_kv_bytes, past_offsets, scatter_new_kv, step_buffers, tensor_bytes
+from taming_deploy.engines.buffers import (Copy2D, cache_bytes, new_kv_bytes, past_offsets, scatter_new_kv, scatter_new_kv_view,
+                                           step_buffers, tensor_bytes, view_past_offsets)
 from taming_deploy.engines.build import build_engines, check_options, network_flags, reusable_timing_cache
 from taming_deploy.engines.engine_manifest import (
     ENGINES_MANIFEST,
@@ -308,9 +309,9 @@ def apply_copy_2d(dst: np.ndarray, src: np.ndarray, copy: Copy2D) -> None:
     """cudaMemcpy2D's documented semantics on byte arrays: ``height`` rows of ``width`` bytes, row r
     from src + r * spitch to dst + r * dpitch; width may not exceed either pitch."""
     assert copy.width <= copy.dst_pitch and copy.width <= copy.src_pitch
-    assert copy.extent(copy.dst_pitch, copy.dst_offset) <= dst.size and copy.extent(copy.src_pitch) <= src.size
+    assert copy.extent(copy.dst_pitch, copy.dst_offset) <= dst.size and copy.extent(copy.src_pitch, copy.src_offset) <= src.size
     for r in range(copy.height):
-        d, s_ = copy.dst_offset + r * copy.dst_pitch, r * copy.src_pitch
+        d, s_ = copy.dst_offset + r * copy.dst_pitch, copy.src_offset + r * copy.src_pitch
         dst[d : d + copy.width] = src[s_ : s_ + copy.width]
 
 
@@ -335,6 +336,33 @@ def test_new_kv_scatter_is_the_numpy_slice_assignment(dtype, batch, tokens, posi
                           width=tokens * 3 * itemsize, height=3 * 2 * batch * 2)
     apply_copy_2d(dst, src, copy)
     np.testing.assert_array_equal(dst.view(dtype).reshape(cache.shape), expected)
+
+
+@pytest.mark.parametrize("kv_batch, start, batch", [(5, 1, 3), (5, 0, 5), (4, 3, 1), (3, 0, 2)])
+def test_new_kv_scatter_into_a_view_writes_only_its_sequences(kv_batch, start, batch):
+    """cache[:, :, start:start + batch, :, position:position + T] = new_kv, the other sequences kept."""
+    spec = ModelSpec(4, 32, 40, 7, 3, 2, 6, ConditionSpec("unconditional"))
+    rng = np.random.default_rng(kv_batch * 10 + start)
+    tokens, position = 2, 3
+    cache = rng.standard_normal(spec.cache_shape(kv_batch)).astype(np.float32)
+    new_kv = rng.standard_normal((3, 2, batch, 2, tokens, 3)).astype(np.float32)
+    expected = cache.copy()
+    expected[:, :, start : start + batch, :, position : position + tokens] = new_kv
+    src = np.full(new_kv_bytes(spec, kv_batch, spec.block_size, np.float32), 0xAB, np.uint8)
+    src[: new_kv.nbytes] = new_kv.reshape(-1).view(np.uint8)
+    dst = cache.reshape(-1).view(np.uint8).copy()
+    copies = scatter_new_kv_view(spec, batch, tokens, position, np.float32, kv_batch, start)
+    assert len(copies) == (1 if (start, batch) == (0, kv_batch) else 3 * 2)
+    for copy in copies:
+        apply_copy_2d(dst, src, copy)
+    np.testing.assert_array_equal(dst.view(np.float32).reshape(cache.shape), expected)
+    # and the engine reads the view's sequences where view_past_offsets says
+    offsets = view_past_offsets(spec, kv_batch, start, np.float32)
+    block = batch * 2 * 7 * 3 * 4
+    flat = expected.reshape(-1).view(np.uint8)
+    for name, (layer, kind) in {"past_key_1": (1, 0), "past_value_2": (2, 1)}.items():
+        view = flat[offsets[name] : offsets[name] + block].view(np.float32).reshape(batch, 2, 7, 3)
+        np.testing.assert_array_equal(view, expected[layer, kind, start : start + batch])
 
 
 def test_new_kv_scatter_refuses_positions_outside_the_block():

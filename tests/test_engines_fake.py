@@ -29,6 +29,7 @@ from tensorrt_api import USED, Restricted, unwrap
 from taming_deploy.bundle import GraphFile, Manifest, TensorSpec
 from taming_deploy.errors import UserError
 from taming_deploy.sampler import sample_tokens
+from taming_deploy.sampling import TokenStream
 from taming_deploy.sampling import SamplingOptions
 from taming_deploy.spec import ConditionSpec, ModelSpec
 
@@ -196,6 +197,9 @@ class ToyBackend:
 
     def new_cache(self, batch):
         return np.zeros(SPEC.cache_shape(batch), self.dtype)
+
+    def cache_view(self, cache, start, stop):
+        return cache[:, :, start:stop]
 
     def transformer_step(self, tokens, position, cache):
         logits, new_kv = toy_step(tokens, position, list(cache[:, 0]), list(cache[:, 1]), self.dtype)
@@ -506,12 +510,13 @@ def test_generation_matches_the_host_model(tmp_path, monkeypatch, precision, cud
     cond = backend.condition_tokens(labels)
     np.testing.assert_array_equal(cond, ToyBackend().condition_tokens(labels))
     calls = []  # (cache, tokens) per transformer call
+    views = {}  # id -> the cache (view) itself
     step = backend.transformer_step
-    backend.transformer_step = lambda tokens, position, cache: calls.append((id(cache), tokens.shape[1])) or step(tokens, position, cache)
+    backend.transformer_step = lambda tokens, position, cache: (views.setdefault(id(cache), cache), calls.append((id(cache), tokens.shape[1]))) and step(tokens, position, cache)
     options = SamplingOptions(greedy=True)
-    tokens, stats = sample_tokens(backend, cond, latent, options, np.random.default_rng(0))
+    tokens, stats = sample_tokens(backend, cond, latent, options, TokenStream.for_batch(0, len(cond)))
     dtype = np.float16 if precision == "fp16" else np.float32
-    expected, _ = sample_tokens(ToyBackend(dtype), cond, latent, options, np.random.default_rng(0))
+    expected, _ = sample_tokens(ToyBackend(dtype), cond, latent, options, TokenStream.for_batch(0, len(cond)))
     np.testing.assert_array_equal(tokens, expected)
     decode_calls = sum(count == 1 for _, count in calls)
     assert decode_calls > 3 and len(calls) > decode_calls  # both profiles were exercised
@@ -520,7 +525,9 @@ def test_generation_matches_the_host_model(tmp_path, monkeypatch, precision, cud
     runs = [e for e in fake_gpu.trt.executions if e[0].startswith("transformer.")]
     assert all((profile == 1) == (shapes["tokens"][1] == 1) for _, profile, shapes in runs)  # T = 1 -> decode profile
     scatters = [c for c in fake_gpu.cudart.copies if c[0] == "2D"]
-    assert len(scatters) == len(calls)  # every call, replayed or not, writes its new keys and values
+    whole = lambda c: (c.start, c.batch) == (0, c.kv_batch)  # noqa: E731
+    # every call, replayed or not, writes its new keys and values: one copy for a whole cache, one per layer and K/V for a view
+    assert len(scatters) == sum(1 if whole(views[cache]) else 2 * SPEC.n_layer for cache, _ in calls)
     if cuda_graph:
         assert backend.cuda_graph_error is None
         assert fake_gpu.cudart.launches == expected_replays(calls)
@@ -576,6 +583,22 @@ def test_the_cache_is_one_device_buffer_that_each_step_scatters_into(tmp_path, m
         backend.transformer_step(np.zeros((2, 2), np.int64), SPEC.block_size - 1, cache)
 
 
+def test_a_view_runs_its_sequences_of_the_pool_and_leaves_the_others(fake_gpu):
+    build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
+    backend, oracle = load_trt_backend(fake_gpu.bundle), ToyBackend()
+    pool, host = backend.new_cache(5), oracle.new_cache(5)
+    device_kv = fake_gpu.cudart.array(pool.kv.ptr, np.float32, host.shape)
+    rng = np.random.default_rng(6)
+    for start, stop, position, count in [(1, 3, 0, 4), (3, 5, 0, 6), (1, 3, 4, 1), (2, 3, 5, 2), (3, 5, 6, 1)]:
+        feed = rng.integers(0, SPEC.vocab_size, (stop - start, count))
+        got = backend.transformer_step(feed, position, backend.cache_view(pool, start, stop))
+        np.testing.assert_array_equal(got, oracle.transformer_step(feed, position, oracle.cache_view(host, start, stop)))
+        np.testing.assert_array_equal(device_kv, host)  # only the view's sequences changed, slot for slot
+    assert not device_kv[:, :, 0].any()
+    with pytest.raises(ValueError, match="not in a cache of 5"):
+        backend.cache_view(pool, 4, 6)
+
+
 def test_replayed_decode_steps_scatter_at_their_own_position(fake_gpu):
     """The graph holds only the engine execution: the copy issued after each replay follows the position."""
     build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
@@ -619,7 +642,10 @@ def test_requests_beyond_the_profiles_and_cuda_failures_are_user_errors(fake_gpu
     build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
     backend = load_trt_backend(fake_gpu.bundle)
     with pytest.raises(UserError, match="--max-size / --max-batch"):
-        backend.new_cache(3)
+        backend.transformer_step(np.zeros((3, 1), np.int64), 0, backend.new_cache(3))
+    with pytest.raises(UserError, match="cannot take a batch of 3.*--max-batch"):
+        backend.cache_view(backend.new_cache(4), 0, 3)
+    assert backend.max_batch == 2
     with pytest.raises(UserError, match="--max-size"):
         backend.condition_tokens(np.zeros((1, 20, 16), np.int64))
     cache = backend.new_cache(1)

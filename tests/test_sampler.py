@@ -7,7 +7,7 @@ import pytest
 from taming_deploy.backends.torch_backend import TorchBackend
 from taming_deploy.errors import UserError
 from taming_deploy.sampler import sample_tokens
-from taming_deploy.sampling import SamplingOptions, choose_tokens
+from taming_deploy.sampling import SamplingOptions, TokenStream, choose_tokens
 from taming_deploy.windows import clamp, schedule
 from taming_deploy.training.reference_sampler import reference_greedy
 
@@ -51,24 +51,24 @@ def test_fast_stride_must_fit_the_window():
 def test_greedy_takes_argmax_and_topk_never_leaves_the_top_k():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 30)).astype(np.float32)
-    np.testing.assert_array_equal(choose_tokens(logits, SamplingOptions(greedy=True), rng), logits.argmax(-1))
+    np.testing.assert_array_equal(choose_tokens(logits, SamplingOptions(greedy=True), rng.random(4)), logits.argmax(-1))
     top3 = np.argsort(-logits, axis=-1)[:, :3]
     for _ in range(200):
-        tokens = choose_tokens(logits, SamplingOptions(top_k=3), rng)
+        tokens = choose_tokens(logits, SamplingOptions(top_k=3), rng.random(4))
         assert all(t in row for t, row in zip(tokens, top3))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     rng = np.random.default_rng(1)
-    seen = {int(choose_tokens(logits, SamplingOptions(top_k=None, top_p=0.7), rng)[0]) for _ in range(300)}
+    seen = {int(choose_tokens(logits, SamplingOptions(top_k=None, top_p=0.7), rng.random(1))[0]) for _ in range(300)}
     assert seen == {0, 1}
 
 
 def test_sampling_frequencies_follow_temperature_scaled_softmax():
     logits = np.array([[2.0, 1.0, 0.0]])
     rng = np.random.default_rng(2)
-    draws = np.array([choose_tokens(logits, SamplingOptions(top_k=None, temperature=2.0), rng)[0] for _ in range(6000)])
+    draws = choose_tokens(np.repeat(logits, 6000, axis=0), SamplingOptions(top_k=None, temperature=2.0), rng.random(6000))
     expected = np.exp(logits[0] / 2) / np.exp(logits[0] / 2).sum()
     np.testing.assert_allclose(np.bincount(draws, minlength=3) / len(draws), expected, atol=0.025)
 
@@ -83,7 +83,7 @@ def test_cached_exact_greedy_equals_original_loop(torch_backend, latent):
     """Includes a 12x20 latent, smaller than the window in one dimension (the original crashes there)."""
     rng = np.random.default_rng(3)
     cond = rng.integers(0, torch_backend.spec.condition.codebook_size, size=(1, *latent))
-    tokens, stats = sample_tokens(torch_backend, cond, latent, SamplingOptions(greedy=True), rng)
+    tokens, stats = sample_tokens(torch_backend, cond, latent, SamplingOptions(greedy=True), TokenStream.for_batch(0, 1))
     oracle = reference_greedy(torch_backend.model.transformer, cond, latent, (16, 16), torch_backend.spec.image_codebook_size)
     np.testing.assert_array_equal(tokens, oracle)
     assert stats.prefills + stats.steps == latent[0] * latent[1]
@@ -91,8 +91,8 @@ def test_cached_exact_greedy_equals_original_loop(torch_backend, latent):
 
 def test_batch_of_two_with_one_seed_is_reproducible_and_rows_differ(torch_backend):
     cond = np.zeros((2, 8, 8), dtype=np.int64)
-    first, _ = sample_tokens(torch_backend, cond, (8, 8), SamplingOptions(), np.random.default_rng(5))
-    again, _ = sample_tokens(torch_backend, cond, (8, 8), SamplingOptions(), np.random.default_rng(5))
+    first, _ = sample_tokens(torch_backend, cond, (8, 8), SamplingOptions(), TokenStream.for_batch(5, 2))
+    again, _ = sample_tokens(torch_backend, cond, (8, 8), SamplingOptions(), TokenStream.for_batch(5, 2))
     np.testing.assert_array_equal(first, again)
     assert (first[0] != first[1]).any()
 
@@ -102,7 +102,7 @@ def test_placement_caches_are_continued_across_rows_of_a_band(torch_backend):
     earlier row's cache instead of a new prefill, and the tokens are still the original's."""
     rng = np.random.default_rng(4)
     cond = rng.integers(0, torch_backend.spec.condition.codebook_size, size=(1, 24, 20))
-    tokens, stats = sample_tokens(torch_backend, cond, (24, 20), SamplingOptions(greedy=True), rng)
+    tokens, stats = sample_tokens(torch_backend, cond, (24, 20), SamplingOptions(greedy=True), TokenStream.for_batch(0, 1))
     placements = len(schedule((24, 20), (16, 16), "exact"))
     assert stats.prefills < placements / 2
     oracle = reference_greedy(torch_backend.model.transformer, cond, (24, 20), (16, 16), torch_backend.spec.image_codebook_size)
@@ -114,9 +114,9 @@ def test_a_cache_budget_smaller_than_a_band_still_reuses_what_it_keeps(torch_bac
 
     rng = np.random.default_rng(5)
     cond = rng.integers(0, torch_backend.spec.condition.codebook_size, size=(1, 20, 24))
-    unlimited, stats_unlimited = sample_tokens(torch_backend, cond, (20, 24), SamplingOptions(greedy=True), rng)
+    unlimited, stats_unlimited = sample_tokens(torch_backend, cond, (20, 24), SamplingOptions(greedy=True), TokenStream.for_batch(0, 1))
     monkeypatch.setattr(sampler, "cache_capacity", lambda backend, batch: 4)  # 3 kept + 1 scratch, 9 columns per band
-    limited, stats_limited = sample_tokens(torch_backend, cond, (20, 24), SamplingOptions(greedy=True), rng)
+    limited, stats_limited = sample_tokens(torch_backend, cond, (20, 24), SamplingOptions(greedy=True), TokenStream.for_batch(0, 1))
     np.testing.assert_array_equal(limited, unlimited)
     placements = len(schedule((20, 24), (16, 16), "exact"))
     assert stats_unlimited.prefills < stats_limited.prefills < placements

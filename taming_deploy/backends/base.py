@@ -35,6 +35,13 @@ class Backend(Protocol):
         """An empty transformer cache for ``batch`` sequences (capacity: the block size)."""
         ...
 
+    def cache_view(self, cache: Any, start: int, stop: int) -> Any:
+        """The cache of sequences start..stop-1 of ``cache``, sharing its memory: steps on the view
+        read and write those sequences of ``cache`` (the sampler batches independent calls this way).
+        ``cache`` may hold more sequences than one call takes: a backend with such a limit says so in
+        an attribute ``max_batch`` (TensorRT: its engine's profile), which the sampler respects."""
+        ...
+
     def transformer_step(self, tokens: np.ndarray, position: int, cache: Any) -> np.ndarray:
         """Feed (N, T) int64 tokens sitting at positions position..position+T-1; the cache must hold
         the sequence's tokens before ``position`` and is updated in place. Returns the last fed

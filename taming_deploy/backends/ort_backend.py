@@ -95,9 +95,14 @@ class OrtBackend:
         return self._run_single("decoder", tokens.astype(np.int64)).astype(np.float32)
 
     def new_cache(self, batch: int) -> OrtCache:
+        return self._bound_cache(np.zeros(self.spec.cache_shape(batch), self.cache_dtype))
+
+    def cache_view(self, cache: OrtCache, start: int, stop: int) -> OrtCache:
+        return self._bound_cache(cache.kv[:, :, start:stop])  # each layer's keys/values stay contiguous
+
+    def _bound_cache(self, kv: np.ndarray) -> OrtCache:
         session = self.session("transformer")
-        kv = np.zeros(self.spec.cache_shape(batch), self.cache_dtype)
-        logits = np.zeros((batch, self.spec.vocab_size), np.float32)
+        logits = np.zeros((kv.shape[2], self.spec.vocab_size), np.float32)
         binding = session.io_binding()
         for layer in range(self.spec.n_layer):
             binding.bind_ortvalue_input(f"past_key_{layer}", ort.OrtValue.ortvalue_from_numpy(kv[layer, 0]))

@@ -45,6 +45,9 @@ class TorchBackend:
     def new_cache(self, batch: int) -> torch.Tensor:
         return self.model.transformer.new_cache(batch)
 
+    def cache_view(self, cache: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return cache[:, :, start:stop]
+
     @torch.no_grad()
     def transformer_step(self, tokens: np.ndarray, position: int, cache: torch.Tensor) -> np.ndarray:
         return self.model.transformer.step(self._tensor(tokens), cache, position).float().cpu().numpy()

@@ -1,0 +1,139 @@
+"""`taming-deploy serve`: a pipeline behind an HTTP API on Ray Serve.
+
+Each replica is a Ray actor holding one ``Pipeline``. Ray Serve's proxy spreads requests over the
+replicas (on one machine, or a Ray cluster joined with ``address``) and restarts a replica that dies;
+``serve.batch`` collects concurrent requests on a replica into one ``Pipeline.generate_batch`` call,
+which samples requests of the same latent size and options together. Results do not depend on the
+batch a request lands in: every image draws from its own random stream, keyed by its seed.
+
+Routes: ``POST /generate`` (query parameters and a PNG body, see http_request.py), ``GET /health``,
+``GET /info``. Every user mistake is a 4xx JSON ``{"error": "<the CLI's one-line message>"}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import ray
+from ray import serve
+from ray.serve.config import HTTPOptions
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from taming_deploy.errors import UserError
+from taming_deploy.http_request import RequestTooLarge, ServiceLimits, generation_request
+from taming_deploy.images import grid
+from taming_deploy.pipeline import Generation, GenerationRequest, Pipeline
+
+APPLICATION = "taming-deploy"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model: str | None  # bundle or checkpoint path, readable on every node; None: the embedded model
+    backend: str = "auto"
+    limits: ServiceLimits = ServiceLimits()
+    max_batch: int = 8  # requests per generate_batch call; 1 turns batching off
+    batch_wait_s: float = 0.02  # how long a replica waits for more requests before it starts a batch
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    status = 413 if isinstance(exc, RequestTooLarge) else 400 if isinstance(exc, UserError) else 500
+    message = str(exc) if isinstance(exc, UserError) else f"internal error: {type(exc).__name__}: {str(exc)[:200]}"
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generation_response(generation: Generation, output: str) -> Response:
+    if output == "json":
+        images = [base64.b64encode(png_bytes(image)).decode("ascii") for image in generation.images]
+        return JSONResponse({"images": images, "stats": generation.stats})
+    image = generation.images[0] if len(generation.images) == 1 else grid(generation.images)
+    return Response(png_bytes(image), media_type="image/png")
+
+
+@serve.deployment(health_check_period_s=2, health_check_timeout_s=10)
+class GenerationService:
+    def __init__(self, config: ServiceConfig):
+        self.pipeline = Pipeline.load(config.model, config.backend)  # type: ignore[arg-type]
+        self.limits = config.limits
+        self.generate_batched.set_max_batch_size(config.max_batch)
+        self.generate_batched.set_batch_wait_timeout_s(config.batch_wait_s)
+        self.info = {"spec": self.pipeline.spec.to_dict(), "backend": self.pipeline.backend.name,
+                     "limits": asdict(config.limits), "max_batch": config.max_batch}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate_batched(self, requests: list[GenerationRequest]) -> list[Generation | Exception]:
+        return await asyncio.to_thread(self.run_batch, requests)
+
+    def run_batch(self, requests: list[GenerationRequest]) -> list[Generation | Exception]:
+        """One generate_batch call; if a request in it is bad, each runs alone so only that one fails."""
+        try:
+            return list(self.pipeline.generate_batch(requests))
+        except Exception as exc:  # noqa: BLE001 - returned to the caller as its HTTP error
+            if len(requests) == 1:
+                return [exc]
+        results: list[Generation | Exception] = []
+        for request in requests:
+            try:
+                results.append(self.pipeline.generate_batch([request])[0])
+            except Exception as exc:  # noqa: BLE001
+                results.append(exc)
+        return results
+
+    async def __call__(self, http: Request) -> Response:
+        route = http.url.path.rstrip("/") or "/"
+        if route == "/health" and http.method == "GET":
+            return JSONResponse({"status": "ok", "pid": os.getpid()})
+        if route == "/info" and http.method == "GET":
+            return JSONResponse(self.info)
+        if route != "/generate" or http.method != "POST":
+            return JSONResponse({"error": f"no route {http.method} {route[:80]}; try POST /generate, GET /info"},
+                                status_code=404)
+        try:
+            request, output = generation_request(dict(http.query_params), await http.body(),
+                                                 http.headers.get("content-type"), self.limits)
+        except UserError as exc:
+            return error_response(exc)
+        result = await self.generate_batched(request)
+        if isinstance(result, Exception):
+            return error_response(result)
+        return generation_response(result, output)
+
+
+def serve_forever(config: ServiceConfig, host: str, port: int, replicas: int, address: str | None,
+                  request_timeout_s: float, cpus_per_replica: float, echo: Callable[[str], None]) -> None:
+    """Start (or join, with ``address``) Ray, deploy ``replicas`` replicas, and serve until SIGINT/SIGTERM."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:
+        raise UserError(f"cannot join the Ray cluster at {address}: {str(exc)[:200]}") from None
+    try:
+        serve.start(http_options=HTTPOptions(host=host, port=port, request_timeout_s=request_timeout_s))
+        deployment = GenerationService.options(num_replicas=replicas,
+                                               ray_actor_options={"num_cpus": cpus_per_replica})
+        serve.run(deployment.bind(config), name=APPLICATION, route_prefix="/", blocking=False)
+        echo(f"serving {json.dumps(config.model or 'the embedded model')} on http://{host}:{port} "
+             f"({replicas} replica{'s' * (replicas != 1)}, batches of up to {config.max_batch}); Ctrl-C stops")
+        stop.wait()
+    finally:
+        if address is None:  # our own one-node Ray: take it down whole
+            serve.shutdown()
+            ray.shutdown()
+        else:  # a shared cluster: remove only this application
+            serve.delete(APPLICATION)
