@@ -13,6 +13,7 @@ from taming_deploy import engines
 
 BLOCK = "import sys\nfor name in ('torch', 'onnx', 'safetensors', 'yaml', 'taming_deploy.training', 'taming_deploy.export'):\n    sys.modules[name] = None\n"
 NEEDS_TORCH = {"taming_deploy.backends.torch_backend"}
+NEEDS_RAY = {"taming_deploy.serving"}  # the serve extra (Ray imports PyYAML)
 BUILD_TIME = ("taming_deploy.training", "taming_deploy.export")
 
 
@@ -22,7 +23,7 @@ def runtime_modules() -> list[str]:
     names = set()
     for package in (taming_deploy, engines):
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-            if info.name not in NEEDS_TORCH and not info.name.startswith(BUILD_TIME):
+            if info.name not in NEEDS_TORCH | NEEDS_RAY and not info.name.startswith(BUILD_TIME):
                 names.add(info.name)
     return sorted(names)
 

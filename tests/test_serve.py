@@ -11,6 +11,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -150,3 +152,11 @@ def test_a_replica_killed_with_sigkill_is_replaced(server):
         time.sleep(1)
     reply = call(generate_url(server, seed=0), png(labels(2)))
     assert (reply.status, reply.content_type) == (200, "image/png")
+
+
+def test_serve_without_ray_says_what_to_install(tmp_path):
+    code = ("import sys\nsys.modules['ray'] = None\nfrom taming_deploy.cli import main\n"
+            "sys.argv = ['taming-deploy', 'serve']\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: serve needs Ray Serve (ray is missing): pip install 'taming-deploy[serve]'"]
