@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     def condition_tokens() -> np.ndarray:
         if cond.kind == "segmentation":
             return backend.condition_tokens(rng.integers(0, cond.n_labels, (b, height, width)))
-        if cond.kind == "depth":
-            return backend.condition_tokens(rng.uniform(-1, 1, (b, 1, height, width)).astype(np.float32))
+        if cond.kind in ("depth", "image"):
+            channels = 1 if cond.kind == "depth" else 3
+            return backend.condition_tokens(rng.uniform(-1, 1, (b, channels, height, width)).astype(np.float32))
         return np.full((b, 1), cond.sos_token if cond.kind == "unconditional" else 0, dtype=np.int64)
 
     latency: dict[str, float] = {}

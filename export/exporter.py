@@ -25,7 +25,17 @@ from taming_deploy.export.calibration import SYNTHETIC, CalibrationSet, calibrat
 from taming_deploy.export.graphs import CONDITION_INPUTS, graph_defs, past_names
 from taming_deploy.export.onnx_export import OPSET, export_graph
 from taming_deploy.export.int8_weights import int8_weight_storage
-from taming_deploy.export.validate import FP16_LIMITS, INT8_WEIGHT_LIMITS, Check, check_fp32, check_variant, emulated_fp16_backend, transformed_bundle
+from taming_deploy.export.validate import (
+    FP16_LIMITS,
+    INT8_WEIGHT_LIMITS,
+    Check,
+    Float64Runs,
+    check_fp32,
+    check_variant,
+    emulated_fp16_backend,
+    float64_runs,
+    transformed_bundle,
+)
 from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.export.graph_files import graph_entry, write_manifest
 from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest
@@ -101,7 +111,7 @@ def mixed_precision_graph(name: str, exported: onnx.ModelProto, feeds: list[dict
 def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
     rows = [("graph", "precision", "check", "value", "threshold", "ok")]
     for c in checks:
-        rows.append((c.graph, c.precision, c.check, f"{c.value:.4g}", ("<= " if not c.higher_is_better else ">= ") + f"{c.threshold:g}", "yes" if c.passed else "NO"))
+        rows.append((c.graph, c.precision, c.check, c.shown_value(), ("<= " if not c.higher_is_better else ">= ") + f"{c.threshold:g}", "yes" if c.passed else "NO"))
     widths = [max(len(r[k]) for r in rows) for k in range(6)]
     for k, row in enumerate(rows):
         echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -109,7 +119,8 @@ def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
             echo("  ".join("-" * width for width in widths))
 
 
-def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]], model: TamingModel, calib: CalibrationSet) -> list[Check]:
+def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]], model: TamingModel, calib: CalibrationSet,
+                       runs: Float64Runs) -> list[Check]:
     """Replace the fp32 graphs of ``ort32``'s bundle (and their ``graphs`` entries) by int8-weight
     copies; the checks compare the copies with the fp32 graphs they replace."""
     bundle_dir = ort32.bundle.path
@@ -118,7 +129,7 @@ def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]
     stored = transformed_bundle(bundle_dir, "fp32", int8_weight_storage, staging, weight_storage="int8")
     entries = {name: by_precision["fp32"] for name, by_precision in stored.bundle.manifest.graphs.items()}
     checks = [row for name, entry in entries.items() for row in structural_checks(staging / entry.file, name, "int8 weights")]
-    checks += list(check_variant(model, ort32, stored, "int8 weights", INT8_WEIGHT_LIMITS, calib, VALIDATION_STEPS))
+    checks += list(check_variant(model, ort32, stored, "int8 weights", INT8_WEIGHT_LIMITS, calib, runs, VALIDATION_STEPS))
     for name, entry in entries.items():
         (staging / entry.file).replace(bundle_dir / entry.file)
         graphs[name]["fp32"] = entry
@@ -180,14 +191,15 @@ def export_bundle(
         ort32 = OrtBackend(tmp, "fp32")
         rng = np.random.default_rng(1)
         random_sequences = rng.integers(0, spec.vocab_size, size=(2, min(spec.block_size, 2 * VALIDATION_STEPS)))
-        checks += list(check_fp32(model, ort32, calib, random_sequences, VALIDATION_STEPS))
+        runs = float64_runs(model, calib)
+        checks += list(check_fp32(model, ort32, calib, runs, random_sequences, VALIDATION_STEPS))
         if fp16:
             with tempfile.TemporaryDirectory() as workdir:
                 emulated = emulated_fp16_backend(tmp, Path(workdir))
-                checks += list(check_variant(model, ort32, emulated, "fp16", FP16_LIMITS, calib, VALIDATION_STEPS))
+                checks += list(check_variant(model, ort32, emulated, "fp16", FP16_LIMITS, calib, runs, VALIDATION_STEPS))
         if int8_weights:
             echo("storing weights as int8 ...")
-            checks += store_int8_weights(ort32, graphs, model, calib)
+            checks += store_int8_weights(ort32, graphs, model, calib, runs)
         print_table(checks, echo)
         validation = {
             "calibration": {"source": calibration, "images": len(calib), "size": list(calib.images.shape[2:])},

@@ -13,6 +13,7 @@ NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
 VQMODEL = "taming.models.vqgan.VQModel"
 GUMBEL = "taming.models.vqgan.GumbelVQ"
 VQSEG = "taming.models.vqgan.VQSegmentationModel"
+LABELATOR = "taming.modules.util.Labelator"
 GPT_TARGET = "taming.modules.transformer.mingpt.GPT"
 
 DDCONFIG = {"double_z": False, "z_channels": 8, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from original_checkpoints import GUMBEL, VQMODEL, VQSEG, gpt, net2net_project, vq_stage, write_original
+from original_checkpoints import GUMBEL, LABELATOR, VQMODEL, VQSEG, gpt, net2net_project, vq_stage, write_original
 from taming_deploy.export.exporter import export_bundle
 from taming_deploy.pipeline import Pipeline
 from taming_deploy.training.checkpoint import load_model
@@ -77,3 +77,24 @@ def test_image_condition_from_a_3_channel_vq_condition_stage(tmp_path):
     project = net2net_project(vq_stage(), vq_stage(VQMODEL, n_embed=16), "keypoints", gpt())
     tokens = deploys_like_the_original(tmp_path, project, rgb_picture(tmp_path / "picture.png", 20, 30), size=(48, 32))
     assert tokens.shape == (1, 16, 24)
+
+
+def test_segmentation_with_f16_first_stages_shaped_like_the_released_ones(tmp_path):
+    """ch_mult [1,1,2,2,4] and attention at resolution 16 (as the released ImageNet / S-FLCKR
+    first stages), tiny in channels; the 5x5 window (block 64) keeps the calibration images at 80 px."""
+    released = {"ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 1, "attn_resolutions": [16], "resolution": 256}
+    first = vq_stage(n_embed=32, **released)
+    segmentation = vq_stage(VQSEG, n_embed=16, in_channels=6, out_ch=6, **released)
+    project = net2net_project(first, segmentation, "segmentation", gpt(block_size=64))
+    tokens = deploys_like_the_original(tmp_path, project, label_map(tmp_path / "labels.png", 6, 96, 128))
+    assert tokens.shape == (1, 6, 8)
+
+
+def test_class_conditional(tmp_path):
+    project = net2net_project(vq_stage(), {"target": LABELATOR, "params": {"n_classes": 10}}, "class_label", gpt())
+    deploys_like_the_original(tmp_path, project, 7, size=(48, 32))
+
+
+def test_unconditional(tmp_path):
+    project = net2net_project(vq_stage(), "__is_unconditional__", "image", gpt())
+    deploys_like_the_original(tmp_path, project, None, size=(48, 32))

@@ -27,8 +27,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     d = |z|^2 + |e|^2 - 2 z.e, evaluated in fp32 whatever the input precision: in fp16 the two
     large sum terms swamp the difference between neighbouring codes and flip the argmin.
     """
-    z = z.float()
-    codebook = codebook.float()
+    dtype = torch.promote_types(z.dtype, torch.float32)  # fp32, or fp64 for the exporter's float64 reference
+    z = z.to(dtype)
+    codebook = codebook.to(dtype)
     distances = (
         z.pow(2).sum(dim=1, keepdim=True)
         + codebook.pow(2).sum(dim=1)
@@ -136,9 +137,10 @@ class GumbelQuantizer(CodeRemap):
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B*h*w, n_embed) fp32 logits, rows in row-major (b, h, w) order."""
         c = z.shape[1]
-        rows = z.permute(0, 2, 3, 1).reshape(-1, c).float()
-        weight = self.proj.weight.reshape(self.n_embed, c).float()
-        return rows @ weight.t() + self.proj.bias.float()
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        rows = z.permute(0, 2, 3, 1).reshape(-1, c).to(dtype)
+        weight = self.proj.weight.reshape(self.n_embed, c).to(dtype)
+        return rows @ weight.t() + self.proj.bias.to(dtype)
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         b, _, h, w = z.shape
