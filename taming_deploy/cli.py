@@ -233,21 +233,23 @@ def train(
 @app.command()
 @user_errors_exit
 def build(
-    bundle: Annotated[Path, typer.Argument(help="Exported bundle directory")],
-    precision: Annotated[str, typer.Option(help="fp16 (the bundle's fp16 graphs) or fp32")] = "fp16",
+    bundle: Annotated[Optional[Path], typer.Argument(help="Exported bundle directory [default: the embedded model]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp16 (the bundle's fp16 graphs) or fp32 [default: fp16 if the bundle has fp16 graphs, else fp32]")] = None,
     max_size: Annotated[str, typer.Option(help="Largest image the engines accept, WxH pixels")] = "1024x1024",
     max_batch: Annotated[int, typer.Option(help="Largest batch (-n) the engines accept")] = 4,
     workspace_gib: Annotated[float, typer.Option(help="TensorRT workspace memory limit (GiB)")] = 4.0,
     opt_level: Annotated[int, typer.Option(help="TensorRT builder optimisation level (0-5)")] = 3,
 ) -> None:
-    """Build TensorRT engines for this machine's GPU from a bundle (kept in BUNDLE/engines)."""
+    """Build TensorRT engines for this machine's GPU from a bundle (kept in BUNDLE/engines; for the
+    embedded model in the user's cache, $XDG_CACHE_HOME/taming-deploy/engines)."""
     from taming_deploy.engines import build_engines
+    from taming_deploy.model_paths import DEFAULT_MODEL
 
-    if precision not in ("fp16", "fp32"):
+    if precision not in (None, "fp16", "fp32"):
         raise UserError(f"--precision must be fp16 or fp32, got {precision!r}")
     size = parse_size(max_size)
     assert size is not None
-    out = build_engines(bundle, precision=precision, max_size=size, max_batch=max_batch, workspace_gib=workspace_gib,
+    out = build_engines(bundle or DEFAULT_MODEL, precision=precision, max_size=size, max_batch=max_batch, workspace_gib=workspace_gib,
                         opt_level=opt_level, log=typer.echo)
     typer.echo(f"wrote {out}")
 
