@@ -97,3 +97,14 @@ def test_help_says_what_the_defaults_and_sampling_options_mean():
     assert "Fast mode only" in generate_help
     eval_help = help_text("eval")
     assert "map k uses seed + k" in eval_help and "--quick" in eval_help and "Needs PyTorch" in eval_help
+
+
+def test_the_progress_count_shows_nothing_until_the_total_is_known():
+    from rich.progress import Progress
+
+    column = progress.CountColumn()
+    with Progress(column, disable=True) as bar:
+        task = bar.add_task("sampling", total=None)
+        assert column.render(bar.tasks[0]).plain == ""  # rich's MofNCompleteColumn shows "0/?" here
+        bar.update(task, completed=3, total=256)
+        assert column.render(bar.tasks[0]).plain == "3/256"
