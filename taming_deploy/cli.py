@@ -324,6 +324,8 @@ def eval_command(
     Needs PyTorch (pip install 'taming-deploy[train]' and the LPIPS weights): LPIPS and the segmenter
     that judges label following are torch networks. Each part's numbers print as soon as it is done.
     """
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     try:
         from taming_deploy.training.evaluation.evaluate import FULL, QUICK, run_eval
     except ImportError:
@@ -331,8 +333,6 @@ def eval_command(
                         "pip install 'taming-deploy[train]'") from None
     from taming_deploy.progress import progress_bar
 
-    if top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     preset = QUICK if quick else FULL
     run_eval(model, what, recon_count=count if count is not None else preset["recon_count"], recon_size=size,
              label_count=label_count if label_count is not None else preset["label_count"],
