@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -53,8 +54,8 @@ def reusable_timing_cache(bundle_dir: Path, current: Environment) -> bytes:
     return path.read_bytes()
 
 
-def check_options(precision: str, workspace_gib: float, opt_level: int) -> None:
-    if precision not in PRECISIONS:
+def check_options(precision: str | None, workspace_gib: float, opt_level: int) -> None:
+    if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not workspace_gib > 0:
         raise UserError(f"--workspace must be > 0 GiB, got {workspace_gib}")
@@ -130,16 +131,44 @@ class _Builder:
         return bytes(self.timing_cache.serialize()) if self.timing_cache is not None else b""
 
 
+def default_precision(bundle: Bundle) -> str:
+    """fp16 when the bundle has fp16 graphs, else fp32 (the embedded model ships fp32 graphs only)."""
+    return "fp16" if required_graphs(bundle.manifest, "fp16") else "fp32"
+
+
+def parser_input(bundle: Bundle, name: str, precision: str, scratch: Path, log: Callable[[str], None]) -> Path:
+    """The graph file TensorRT parses: the bundle's own, or for int8-weight storage a copy in
+    ``scratch`` (same file name) whose weights are dequantized to fp32 (engines/dequantize.py)."""
+    graph, path = bundle.graph(name, precision), bundle.graph_path(name, precision)
+    if graph.weight_storage == "float":
+        return path
+    try:
+        import onnx
+
+        from taming_deploy.engines.dequantize import fold_weight_dequantization
+    except ImportError:
+        raise UserError(f"{bundle.path}: its graphs store weights as int8; building engines from them needs the "
+                        "onnx package to turn them into fp32 weights: pip install 'taming-deploy[gpu]'") from None
+    model, folded = fold_weight_dequantization(onnx.load(str(path)))
+    target = scratch / graph.file
+    onnx.save(model, str(target))
+    log(f"{graph.file}: {folded} int8 weights dequantized to fp32 for TensorRT")
+    return target
+
+
 def build_engines(
     bundle_dir: Path,
-    precision: str = "fp16",
+    precision: str | None = None,
     max_size: tuple[int, int] = (1024, 1024),
     max_batch: int = 4,
     workspace_gib: float = 4.0,
     opt_level: int = 3,
     log: Callable[[str], None] = lambda message: None,
 ) -> Path:
-    """Build one engine per graph of ``precision`` into BUNDLE/engines and return that directory.
+    """Build one engine per graph of ``precision`` (None: :func:`default_precision`) into the bundle's
+    engines folder (``engine_manifest.engines_dir``: BUNDLE/engines, or the user's cache for the
+    embedded model) and return that directory. int8-weight graphs are built with their weights
+    dequantized to fp32 (:func:`parser_input`).
 
     ``max_size`` = (width, height) in pixels and ``max_batch`` bound the shapes the engines accept.
     Raises UserError (one line) for a missing TensorRT/cuda-python/GPU, a bad option or bundle, or
@@ -150,29 +179,29 @@ def build_engines(
     bundle = Bundle(bundle_dir)
     limits = Limits((int(max_size[0]), int(max_size[1])), int(max_batch))
     limits.validate(bundle.spec)
+    if precision is None:
+        precision = default_precision(bundle)
+        log(f"precision {precision}" + ("" if precision == "fp16" else ": the bundle has no fp16 graphs"))
     names = required_graphs(bundle.manifest, precision)
     if not names:
         raise UserError(f"{bundle_dir}: the bundle has no {precision} graphs; export them or choose another --precision")
     if "transformer" in names and (reason := transformer_io_problem(bundle.graph("transformer", precision), bundle.spec)):
         # checked before any build: the runtime could not drive such an engine (a bundle of an older export)
         raise UserError(f"{bundle_dir}: {reason}; export the bundle again with this taming-deploy")
-    if int8_stored := [name for name in names if bundle.graph(name, precision).weight_storage != "float"]:
-        raise UserError(
-            f"{bundle_dir}: the {precision} {', '.join(int8_stored)} graphs store their weights as int8 (export "
-            "--int8-weights, for ONNX Runtime); build from the fp16 graphs or export without --int8-weights"
-        )
+    if unknown := {bundle.graph(name, precision).weight_storage for name in names} - {"float", "int8"}:
+        raise UserError(f"{bundle_dir}: unknown weight storage {', '.join(sorted(unknown))}; export the bundle again")
     trt = deps.tensorrt()
     gpu = cuda.device_info()
     environment = Environment(trt.__version__, gpu.name, gpu.compute_capability)
     builder = _Builder(trt, reusable_timing_cache(bundle_dir, environment), precision, workspace_gib, opt_level)
     target = engines_dir(bundle_dir)
     entries: dict[str, EngineEntry] = {}
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target) as tmp, tempfile.TemporaryDirectory(prefix="taming-deploy-build-") as scratch:
         for name in names:
             graph = bundle.graph(name, precision)
             profiles = graph_profiles(name, graph, bundle.spec, limits)
             log(f"building the {name} engine from {graph.file} (TensorRT {trt.__version__}, {gpu.name})")
-            plan = builder.build(bundle.graph_path(name, precision), profiles)
+            plan = builder.build(parser_input(bundle, name, precision, Path(scratch), log), profiles)
             plan_file = f"{name}.plan"
             (tmp / plan_file).write_bytes(plan)
             entries[name] = EngineEntry(plan_file, hashlib.sha256(plan).hexdigest(), graph.file, graph.sha256, tuple(profiles))

@@ -9,12 +9,15 @@ worse, an engine silently computing an older model.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from taming_deploy.engines.profiles import Profile
 from taming_deploy.bundle import GraphFile, Manifest
 from taming_deploy.errors import UserError
+from taming_deploy.fileutil import sha256_file
+from taming_deploy.model_paths import BUNDLE_MANIFEST, DEFAULT_MODEL
 
 ENGINES_DIR = "engines"
 ENGINES_MANIFEST = "engines.json"
@@ -107,8 +110,26 @@ class EngineManifest:
             raise UserError(f"{source}: malformed engines manifest ({type(exc).__name__}: {exc}); rebuild the engines") from None
 
 
+def user_engines_root() -> Path:
+    """Where engines of bundles that are not the user's own live: ``$XDG_CACHE_HOME/taming-deploy/engines``
+    (``~/.cache/...`` when XDG_CACHE_HOME is unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "taming-deploy" / "engines"
+
+
 def engines_dir(bundle_dir: Path) -> Path:
-    return Path(bundle_dir) / ENGINES_DIR
+    """``BUNDLE/engines``; for the embedded model, which lives inside the installed package (often
+    read-only, and replaced by every upgrade), a folder of the user's cache named by the hash of its
+    manifest, so engines built for one version are never taken for another's."""
+    bundle_dir = Path(bundle_dir)
+    if bundle_dir.resolve() == DEFAULT_MODEL:
+        return user_engines_root() / sha256_file(bundle_dir / BUNDLE_MANIFEST)[:16]
+    return bundle_dir / ENGINES_DIR
+
+
+def build_command(bundle_dir: Path) -> str:
+    """The command that builds ``bundle_dir``'s engines (no path for the embedded model)."""
+    return "taming-deploy build" if Path(bundle_dir).resolve() == DEFAULT_MODEL else f"taming-deploy build {bundle_dir}"
 
 
 def read_engine_manifest(bundle_dir: Path) -> EngineManifest:
@@ -116,7 +137,7 @@ def read_engine_manifest(bundle_dir: Path) -> EngineManifest:
     if not path.is_file():
         raise UserError(
             f"no TensorRT engines in {path.parent} (no {ENGINES_MANIFEST}); build them with "
-            f"`taming-deploy build {bundle_dir}` on the machine with the NVIDIA GPU"
+            f"`{build_command(bundle_dir)}` on the machine with the NVIDIA GPU"
         )
     try:
         raw = json.loads(path.read_text())

@@ -40,7 +40,7 @@ import numpy as np
 
 from taming_deploy.engines import cuda, deps
 from taming_deploy.engines.buffers import scatter_new_kv_view, step_buffers, view_past_offsets
-from taming_deploy.engines.engine_manifest import EngineEntry, Environment, engines_dir, incompatibility, io_mismatch, read_engine_manifest
+from taming_deploy.engines.engine_manifest import EngineEntry, Environment, build_command, engines_dir, incompatibility, io_mismatch, read_engine_manifest
 from taming_deploy.engines.profiles import Profile, past_names, transformer_io_problem, transformer_profile_index, transformer_shapes
 from taming_deploy.bundle import Bundle
 from taming_deploy.errors import UserError
@@ -90,7 +90,7 @@ class TrtBackend:
         current = Environment(trt.__version__, gpu.name, gpu.compute_capability)
         directory = engines_dir(bundle_dir)
         if reason := incompatibility(manifest, current, self.bundle.manifest):
-            raise UserError(f"{directory}: {reason}; rebuild the engines with `taming-deploy build {bundle_dir}`")
+            raise UserError(f"{directory}: {reason}; rebuild the engines with `{build_command(bundle_dir)}`")
         self.precision = manifest.precision
         self.cuda_graph = cuda_graph
         self.cuda_graph_error: str | None = None
@@ -104,7 +104,7 @@ class TrtBackend:
             if reason := transformer_io_problem(self.bundle.graph("transformer", self.precision), self.spec):
                 raise UserError(
                     f"{bundle_dir}: {reason}; export the bundle again with this taming-deploy, then rebuild the engines "
-                    f"with `taming-deploy build {bundle_dir}`"
+                    f"with `{build_command(bundle_dir)}`"
                 )
         self._engines = {
             name: self._load(directory, name, entry)
@@ -116,7 +116,7 @@ class TrtBackend:
 
     def _load(self, directory: Path, name: str, entry: EngineEntry) -> _Engine:
         trt, path = self._trt, directory / entry.file
-        rebuild = f"rebuild the engines with `taming-deploy build {self.bundle.path}`"
+        rebuild = f"rebuild the engines with `{build_command(self.bundle.path)}`"
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -74,6 +74,34 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return width, height
 
 
+def condition_size(cond: Path | None) -> tuple[int, int] | None:
+    """(width, height) of a condition image that the pipeline has already read, or None."""
+    from PIL import Image
+
+    if cond is None:
+        return None
+    with Image.open(cond) as image:
+        return image.size
+
+
+def size_notices(spec: Any, wanted: tuple[int, int] | None) -> list[str]:
+    """What the user should know about the output size: rounding to the downsampling factor, and a
+    latent grid smaller than the window the model was trained on (it follows the map less there)."""
+    from taming_deploy.conditions import snap_size
+
+    factor, (rows, cols) = spec.downsample_factor, spec.window
+    width, height = snap_size(*wanted, factor) if wanted else (cols * factor, rows * factor)
+    notices = []
+    if wanted and wanted != (width, height):
+        notices.append(f"size {wanted[0]}x{wanted[1]} rounded to {width}x{height}, a multiple of the model's "
+                       f"downsampling factor {factor}")
+    if height // factor < rows or width // factor < cols:
+        notices.append(f"{width}x{height} is {width // factor}x{height // factor} latent cells, under the "
+                       f"{cols}x{rows} window the model was trained on (below {cols * factor}x{rows * factor} px it "
+                       "follows the condition less)")
+    return notices
+
+
 @app.command("import-taming")
 @user_errors_exit
 def import_taming_command(
@@ -99,18 +127,18 @@ def import_taming_command(
 def generate(
     cond: Annotated[Optional[Path], typer.Option(help="Condition: label PNG (class ids or palette colours), depth PNG, or RGB image (see `info`)")] = None,
     class_id: Annotated[Optional[int], typer.Option(help="Class id, for class-conditional models")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Bundle or checkpoint directory [default: the embedded model]")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Bundle or checkpoint directory; omit it to use the embedded model (`taming-deploy info` describes it)")] = None,
     backend: Annotated[str, typer.Option(help="auto, torch, ort or trt")] = "auto",
     out: Annotated[Path, typer.Option(help="Output image, .png, .jpg or .webp (numbered when -n > 1, unless --grid)")] = Path("out.png"),
     size: Annotated[Optional[str], typer.Option(help="Output size WxH in pixels (resizes the condition)")] = None,
     n: Annotated[int, typer.Option("-n", help="Images to sample in one batch")] = 1,
     grid: Annotated[bool, typer.Option(help="With -n > 1, write one grid image")] = False,
     mode: Annotated[str, typer.Option(help="exact (the original's windows) or fast (one window per stride)")] = "exact",
-    window_stride: Annotated[int, typer.Option(help="Fast mode: tokens per window placement")] = 8,
+    window_stride: Annotated[Optional[int], typer.Option(help="Fast mode only: tokens per window placement [default: 8]")] = None,
     greedy: Annotated[bool, typer.Option(help="Take the most likely token (deterministic)")] = False,
     top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all)")] = 100,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass")] = None,
-    temperature: Annotated[float, typer.Option()] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Divides the logits before sampling: below 1 more likely tokens, above 1 more varied ones")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: same seed, model and backend give the same image")] = None,
     save_tokens: Annotated[Optional[Path], typer.Option(help="Save the sampled token grid (.npy)")] = None,
     stats: Annotated[Optional[Path], typer.Option(help="Write timing and call counts (.json)")] = None,
@@ -128,29 +156,50 @@ def generate(
         raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
     if cond is not None and class_id is not None:
         raise UserError("pass either --cond or --class-id, not both")
+    if window_stride is not None and mode != "fast":
+        raise UserError("--window-stride applies to --mode fast only (exact mode places the window for every token)")
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     one_file = n == 1 or grid
     paths = [out] if one_file else [out.with_name(f"{out.stem}_{k:03d}{out.suffix}") for k in range(max(n, 0))]
     for path in [*paths, save_tokens, stats]:
         if path is not None:
             check_output_file(path)  # before minutes of sampling, not after
     fmt = output_format(out)
-    notes: list[str] = []  # shown after the run, so that an error stays the only line
+    notes: list[str] = []  # shown once sampling starts, so that an error in the inputs stays the only line
     pipeline = Pipeline.load(model, backend, note=notes.append)  # type: ignore[arg-type]
     condition = cond if cond is not None else class_id
+    requested = parse_size(size)
+
+    shown: list[bool] = []
+
+    def show_notes_once() -> None:
+        """The backend choice and size notices, once the inputs have been read and sampling starts."""
+        if not shown:
+            shown.append(True)
+            for text in notes + size_notices(pipeline.spec, requested or condition_size(cond)):
+                typer.echo(text, err=True)
+
     with progress_bar("sampling", "tok") as update:
+
+        def on_token(done: int, total: int) -> None:
+            show_notes_once()
+            update(done, total)
+
         result = pipeline.generate(
             condition,
             n=n,
-            size=parse_size(size),
+            size=requested,
             seed=seed,
             mode=mode,  # type: ignore[arg-type]
-            window_stride=window_stride,
+            window_stride=8 if window_stride is None else window_stride,
             greedy=greedy,
             top_k=top_k or None,
             top_p=top_p,
             temperature=temperature,
-            on_token=update,
+            on_token=on_token,
         )
+    show_notes_once()
     images = [result.images[0] if n == 1 else make_grid(result.images)] if one_file else result.images
     for path, image in zip(paths, images):
         with atomic_file(path) as tmp:
@@ -163,8 +212,6 @@ def generate(
     if stats is not None:
         with atomic_file(stats) as tmp:
             tmp.write_text(json.dumps(result.stats, indent=2))
-    for text in notes:
-        typer.echo(text, err=True)
     s = result.stats
     typer.echo(
         f"wrote {', '.join(written)} on {s['backend']}: {s['tokens']} tokens in {s['sample_seconds']:.2f} s "
@@ -270,21 +317,23 @@ def train(
 @app.command()
 @user_errors_exit
 def build(
-    bundle: Annotated[Path, typer.Argument(help="Exported bundle directory")],
-    precision: Annotated[str, typer.Option(help="fp16 (the bundle's fp16 graphs) or fp32")] = "fp16",
+    bundle: Annotated[Optional[Path], typer.Argument(help="Exported bundle directory [default: the embedded model]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp16 (the bundle's fp16 graphs) or fp32 [default: fp16 if the bundle has fp16 graphs, else fp32]")] = None,
     max_size: Annotated[str, typer.Option(help="Largest image the engines accept, WxH pixels")] = "1024x1024",
     max_batch: Annotated[int, typer.Option(help="Largest batch (-n) the engines accept")] = 4,
     workspace_gib: Annotated[float, typer.Option(help="TensorRT workspace memory limit (GiB)")] = 4.0,
     opt_level: Annotated[int, typer.Option(help="TensorRT builder optimisation level (0-5)")] = 3,
 ) -> None:
-    """Build TensorRT engines for this machine's GPU from a bundle (kept in BUNDLE/engines)."""
+    """Build TensorRT engines for this machine's GPU from a bundle (kept in BUNDLE/engines; for the
+    embedded model in the user's cache, $XDG_CACHE_HOME/taming-deploy/engines)."""
     from taming_deploy.engines import build_engines
+    from taming_deploy.model_paths import DEFAULT_MODEL
 
-    if precision not in ("fp16", "fp32"):
+    if precision not in (None, "fp16", "fp32"):
         raise UserError(f"--precision must be fp16 or fp32, got {precision!r}")
     size = parse_size(max_size)
     assert size is not None
-    out = build_engines(bundle, precision=precision, max_size=size, max_batch=max_batch, workspace_gib=workspace_gib,
+    out = build_engines(bundle or DEFAULT_MODEL, precision=precision, max_size=size, max_batch=max_batch, workspace_gib=workspace_gib,
                         opt_level=opt_level, log=typer.echo)
     typer.echo(f"wrote {out}")
 
@@ -302,7 +351,7 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="Sampling seed of the first label map (map k uses seed + k)")] = 0,
     backend: Annotated[str, typer.Option(help="auto, torch, ort or trt")] = "auto",
     mode: Annotated[str, typer.Option(help="exact or fast sampling")] = "exact",
-    top_k: Annotated[int, typer.Option(help="0: all")] = 100,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0: all)")] = 100,
     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results (.json), replaced after each part")] = None,
     save_images: Annotated[Optional[Path], typer.Option(help="Folder for labels/real/generated comparison PNGs")] = None,
@@ -312,6 +361,8 @@ def eval_command(
     Needs PyTorch (pip install 'taming-deploy[train]' and the LPIPS weights): LPIPS and the segmenter
     that judges label following are torch networks. Each part's numbers print as soon as it is done.
     """
+    if top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     try:
         from taming_deploy.training.evaluation.evaluate import FULL, QUICK, run_eval
     except ImportError:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from taming_deploy.bundle import Bundle
 from taming_deploy.conditions import EXPECTED_CONDITION
+from taming_deploy.engines.engine_manifest import ENGINES_MANIFEST, engines_dir
 from taming_deploy.errors import UserError
 from taming_deploy.labels import label_lines
 from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, DEFAULT_MODEL, is_bundle, is_checkpoint
@@ -64,10 +65,10 @@ def describe_bundle(path: Path) -> list[str]:
     if checks:
         failed = [c for c in checks if not c.get("passed")]
         lines.append(f"validation:   {len(checks) - len(failed)}/{len(checks)} checks passed at export")
-    engines = path / "engines" / "engines.json"
+    engines = engines_dir(path) / ENGINES_MANIFEST
     if engines.is_file():
         info = json.loads(engines.read_text())
-        lines.append(f"engines:      TensorRT {info.get('tensorrt_version')} for {info.get('gpu_name')}")
+        lines.append(f"engines:      TensorRT {info.get('tensorrt_version')} for {info.get('gpu', {}).get('name')} in {engines.parent}")
     return lines
 
 

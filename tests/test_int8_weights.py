@@ -126,13 +126,15 @@ def test_export_stores_fp32_graphs_as_int8_validated_and_keeps_fp16_float(int8_b
     assert sum("(int8 weights)" in line for line in described) == len(manifest["graphs"]) == sum(" fp16 " in line for line in described)
 
 
-def test_int8_bundle_generates_and_tensorrt_build_refuses_its_int8_graphs(int8_bundle: Path):
+def test_int8_bundle_generates_and_tensorrt_build_accepts_its_int8_graphs(int8_bundle: Path):
     pipeline = Pipeline.load(int8_bundle, backend="ort")
     labels = np.zeros((16, 16), np.int64)
     labels[8:] = 3
     generation = pipeline.generate(labels, seed=0)
     assert generation.images[0].size == (16, 16) and generation.tokens.shape == (1, 4, 4)
-    with pytest.raises(UserError, match="int8.*build from the fp16 graphs"):
+    # the bundle's checks pass; here the build stops only at the missing TensorRT (the folding of its
+    # int8 weights for TensorRT is tested in test_engines_int8.py)
+    with pytest.raises(UserError, match="TensorRT is not installed"):
         build_engines(int8_bundle, precision="fp32", max_size=(32, 32), max_batch=1)
 
 

@@ -43,8 +43,9 @@ def load_backend(path: Path | str | None, backend: BackendName = "auto", note: C
     if not path.exists():
         raise UserError(f"{path}: no such model (expected an exported bundle or a taming-deploy checkpoint)")
     if backend == "auto" and path == DEFAULT_MODEL and not engines_dir(path).exists():
-        # nothing to probe, and the usual "build them with ..." hint would point into site-packages
-        note("backend auto: the embedded model ships without TensorRT engines; running on ONNX Runtime")
+        # nothing to probe (engines_dir: the user's cache folder for the embedded model)
+        note("backend auto: running on ONNX Runtime (the embedded model ships without TensorRT engines; "
+             "on a machine with an NVIDIA GPU `taming-deploy build` makes them)")
         return load_ort(path)
     kind = "checkpoint" if is_checkpoint(path) and not is_bundle(path) else "bundle"
     trt_backend, failure = probe_trt_backend(path) if kind == "bundle" and backend in ("auto", "trt") else (None, None)
