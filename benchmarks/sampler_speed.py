@@ -241,6 +241,47 @@ def progress(row: Row) -> None:
     print(f"   ... {row.latent[0]}x{row.latent[1]} {row.backend} {row.mode}: {row.seconds:.2f} s/image {row.note}", flush=True)
 
 
+# --- the megapixel image ----------------------------------------------------------------------------
+
+MEGAPIXEL = (104, 160)  # latent rows x columns: 1280x832 pixels at f = 8, the paper's landscapes
+
+
+def megapixel_image(bundle: str, threads: int | None, order: str, stride: int) -> dict[str, float]:
+    """One fast-mode image of MEGAPIXEL latents on ONNX Runtime, decoded; run in a fresh process so
+    that its peak RSS is this image's alone (sampler, caches, both graphs, the decoder's activations)."""
+    import resource
+    import time
+
+    backend = OrtBackend(Path(bundle), threads=threads)
+    cond = random_condition_tokens(backend.spec, MEGAPIXEL, np.random.default_rng(0))
+    cpu, wall = time.process_time(), time.perf_counter()
+    tokens, stats = sample_tokens(backend, cond, MEGAPIXEL, GREEDY, TokenStream.for_batch(0, 1), "fast", stride,
+                                  order=order)  # type: ignore[arg-type]
+    sample_cpu, sample_wall = time.process_time() - cpu, time.perf_counter() - wall
+    image = backend.decode(tokens)
+    return {"sample_cpu": sample_cpu, "sample_wall": sample_wall, "total_cpu": time.process_time() - cpu,
+            "total_wall": time.perf_counter() - wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "calls": stats.transformer_calls, "pixels": image.shape[2] * image.shape[3]}
+
+
+def print_megapixel(bundle: Path, threads: int | None, stride: int) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for order in ("wavefront", "sequential"):
+        with context.Pool(1) as pool:
+            r = pool.apply(megapixel_image, (str(bundle), threads, order, stride))
+        rows.append(r | {"order": order})
+        print(f"   ... {MEGAPIXEL[0]}x{MEGAPIXEL[1]} ort fast {order}: {r['total_cpu']:.1f} s CPU", flush=True)
+    base = rows[1]["sample_cpu"]
+    print(f"\n{MEGAPIXEL[0]}x{MEGAPIXEL[1]} latents (1280x832 px), ONNX Runtime, fast mode stride {stride}, greedy, decoder included")
+    print_table([[r["order"], str(r["calls"]), f"{r['sample_cpu']:.1f}", f"{r['sample_wall']:.1f}", f"{r['total_cpu']:.1f}",
+                  f"{r['total_wall']:.1f}", f"{base / r['sample_cpu']:.2f}x", f"{r['peak_rss_mb']:,.0f}"] for r in rows],
+                ["order", "transformer calls", "sample CPU s", "sample wall s", "+decode CPU s", "+decode wall s",
+                 "sampling speedup", "peak RSS MB"])
+
+
 # --- output -----------------------------------------------------------------------------------------
 
 def table_rows(rows: list[Row], peaks: dict[str, float]) -> list[list[str]]:
@@ -302,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--original-tokens", type=int, default=24,
                         help="tokens timed for the extrapolated original above that (default: %(default)s)")
     parser.add_argument("--peak-repeat", type=int, default=10, help="GEMM runs for the matmul peak")
+    parser.add_argument("--megapixel", action="store_true",
+                        help=f"only the {MEGAPIXEL[0]}x{MEGAPIXEL[1]}-latent fast-mode image with its decoder and peak RSS, "
+                             "wavefront and raster order, each in a fresh process")
     args = parser.parse_args(argv)
     sizes = [parse_latent(s) for s in args.sizes.split(",")]
     names, modes = args.backends.split(","), args.modes.split(",")
@@ -311,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = apply_common_arguments(args)
     model = prepare_model(args.model, args.checkpoint, args.bundle, args.cache_dir)
+    if args.megapixel:
+        print(f"model: {model.name}; {threads} threads; load average {os.getloadavg()[0]:.1f}")
+        print_megapixel(model.bundle, args.threads, args.window_stride)
+        return 0
     backends = load_backends(names, model, args.threads, args.cache_dir)
     for backend in backends.values():
         warm_up(backend)

@@ -11,7 +11,10 @@ reads the cache and returns only the fed tokens' keys and values (new_kv, into a
 with room for a whole block); one strided device-to-device copy (cudaMemcpy2DAsync,
 engines.buffers.scatter_new_kv) then writes them into slots position..position+T-1. Per step only
 the new tokens and the position go up, and only the last position's logits, (batch, vocab) floats,
-come back. Sampling stays on the host: it is a few microseconds for one row of logits, and keeping
+come back. ``cache_view`` gives the sequences start..stop-1 of a cache as a cache of their own (past
+inputs bound inside the same kv buffer, one scatter copy per layer and keys/values,
+engines.buffers.scatter_new_kv_view): the sampler batches independent wavefront calls over one pool
+this way, at most ``max_batch`` (the decode profile's) sequences a call. Sampling stays on the host: it is a few microseconds for one row of logits, and keeping
 it in NumPy keeps one sampler (one random number stream, one top-k/top-p code path) shared by all
 backends, so a seed means the same thing everywhere.
 

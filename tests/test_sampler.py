@@ -120,3 +120,18 @@ def test_a_cache_budget_smaller_than_a_band_still_reuses_what_it_keeps(torch_bac
     np.testing.assert_array_equal(limited, unlimited)
     placements = len(schedule((20, 24), (16, 16), "exact"))
     assert stats_unlimited.prefills < stats_limited.prefills < placements
+
+
+@pytest.mark.slow
+def test_the_originals_cached_sampler_gives_the_original_loops_tokens(torch_backend):
+    """sample_with_past (the speed benchmark's strongest baseline) transcribed: at 16x16 the window
+    never moves, and its greedy tokens are the loop's and the cached sampler's."""
+    from taming_deploy.training.reference_sampler import reference_greedy_with_past
+
+    spec = torch_backend.spec
+    cond = np.random.default_rng(9).integers(0, spec.condition.codebook_size, size=(1, 16, 16))
+    with_past = reference_greedy_with_past(torch_backend.model.transformer, cond, 256, spec.image_codebook_size)
+    loop = reference_greedy(torch_backend.model.transformer, cond, (16, 16), (16, 16), spec.image_codebook_size)
+    np.testing.assert_array_equal(with_past.reshape(1, 16, 16), loop)
+    ours, _ = sample_tokens(torch_backend, cond, (16, 16), SamplingOptions(greedy=True), TokenStream.for_batch(0, 1))
+    np.testing.assert_array_equal(ours, loop)
