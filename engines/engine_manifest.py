@@ -8,13 +8,14 @@ worse, an engine silently computing an older model.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from taming_deploy.engines.profiles import Profile
 from taming_deploy.bundle import GraphFile, Manifest
+from taming_deploy.documents import first_line, read_json
 from taming_deploy.errors import UserError
+from taming_deploy.fileutil import check_relative_name
 
 ENGINES_DIR = "engines"
 ENGINES_MANIFEST = "engines.json"
@@ -62,7 +63,7 @@ class EngineEntry:
     @classmethod
     def from_dict(cls, d: dict) -> "EngineEntry":
         return cls(
-            file=d["file"],
+            file=check_relative_name(d["file"], "engines.json: engines.*.file"),
             sha256=d["sha256"],
             source_file=d["source"]["file"],
             source_sha256=d["source"]["sha256"],
@@ -103,8 +104,8 @@ class EngineManifest:
                 build=d.get("build", {}),
                 format_version=version,
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise UserError(f"{source}: malformed engines manifest ({type(exc).__name__}: {exc}); rebuild the engines") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise UserError(f"{source}: malformed engines manifest ({type(exc).__name__}: {first_line(exc, 120)}); rebuild the engines") from None
 
 
 def engines_dir(bundle_dir: Path) -> Path:
@@ -118,11 +119,7 @@ def read_engine_manifest(bundle_dir: Path) -> EngineManifest:
             f"no TensorRT engines in {path.parent} (no {ENGINES_MANIFEST}); build them with "
             f"`taming-deploy build {bundle_dir}` on the machine with the NVIDIA GPU"
         )
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable engines manifest ({exc}); rebuild the engines") from None
-    return EngineManifest.from_dict(raw, str(path))
+    return EngineManifest.from_dict(read_json(path, "engines manifest").data, str(path))
 
 
 def environment_difference(built: Environment, current: Environment) -> str | None:

@@ -190,6 +190,20 @@ def info(path: Annotated[Path, typer.Argument(help="A bundle or a checkpoint dir
 
 @app.command()
 @user_errors_exit
+def verify(bundle: Annotated[Path, typer.Argument(help="Exported bundle directory")]) -> None:
+    """Check every file a bundle's manifest (and engines/engines.json) names against its sha256."""
+    from taming_deploy.verify import bundle_problems
+
+    problems = bundle_problems(bundle)
+    for line in problems:
+        typer.echo(f"error: {line}", err=True)
+    if problems:
+        raise typer.Exit(code=2)
+    typer.echo(f"{bundle}: every file matches its manifest")
+
+
+@app.command()
+@user_errors_exit
 def train(
     stage: Annotated[str, typer.Argument(help="vqgan, cond or transformer")],
     config: Annotated[Path, typer.Option(help="Training config (YAML)")],

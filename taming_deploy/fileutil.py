@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from taming_deploy.errors import UserError
 
@@ -242,3 +242,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_relative_name(name: str, source: str) -> str:
+    """A file name a document gives, refused unless it is a plain relative path (no '..', not absolute)."""
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or ".." in parts or "\\" in name or "\x00" in name or len(name) > 1024:
+        raise UserError(f"{source}: the file name {name[:60]!r} is not a plain relative path inside its directory")
+    return name
+
+
+def contained_path(root: Path, name: str, source: str) -> Path:
+    """``root / name``, refused unless it resolves inside ``root`` (symlinks included)."""
+    path = Path(root) / check_relative_name(name, source)
+    resolved, inside = path.resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(inside):
+        raise UserError(f"{source}: {name} points outside {root} (to {resolved}); refusing to load it")
+    return path

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from taming_deploy.documents import Doc, first_line, read_yaml
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import check_replaceable
 from taming_deploy.spec import ConditionSpec
@@ -33,13 +33,10 @@ DDCONFIG_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_ch
 
 
 def read_project_yaml(path: Path) -> dict:
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read config {path}: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict) or "target" not in doc["model"]:
+    model = read_yaml(path, "project config").raw("model", None)
+    if not isinstance(model, dict) or not isinstance(model.get("target"), str):
         raise UserError(f"{path} has no model.target: is it a Taming Transformers project.yaml?")
-    return doc["model"]
+    return model
 
 
 def autoencoder_config(params: dict, where: str) -> AutoencoderConfig:
@@ -168,7 +165,11 @@ def is_training_only(key: str) -> bool:
 
 def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool = False) -> ModelConfig:
     check_replaceable(Path(out), (ckpt, project_yaml))  # before reading a checkpoint of gigabytes
-    config, prefix = model_config(read_project_yaml(project_yaml))
+    try:
+        config, prefix = model_config(read_project_yaml(project_yaml))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # the original's loose schema: a field of the wrong kind
+        raise UserError(f"{project_yaml}: not a project config this importer reads ({type(exc).__name__}: {first_line(exc, 120)})") from None
+    config = ModelConfig.from_dict(Doc(config.to_dict(), str(project_yaml)))  # the project's own ranges and agreement
     state = {prefix + k: v for k, v in load_lightning_state_dict(ckpt, trust_pickle).items() if not is_training_only(k)}
     model = TamingModel(config)
     check_state_dict(model, state, str(ckpt))
