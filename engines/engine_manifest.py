@@ -119,7 +119,11 @@ def read_engine_manifest(bundle_dir: Path) -> EngineManifest:
             f"no TensorRT engines in {path.parent} (no {ENGINES_MANIFEST}); build them with "
             f"`taming-deploy build {bundle_dir}` on the machine with the NVIDIA GPU"
         )
-    return EngineManifest.from_dict(read_json(path, "engines manifest").data, str(path))
+    try:
+        document = read_json(path, "engines manifest")
+    except UserError as exc:
+        raise UserError(f"{exc}; rebuild the engines") from None
+    return EngineManifest.from_dict(document.data, str(path))
 
 
 def environment_difference(built: Environment, current: Environment) -> str | None:

@@ -141,7 +141,8 @@ class Manifest:
                 raise UserError(f"{source}: graphs.{required}: missing")
         for graph in self.graphs["transformer"].values():
             if reason := transformer_io_problem(graph, self.model):
-                raise UserError(f"{source}: {reason}")
+                raise UserError(f"{source}: {reason}; export the bundle again with this taming-deploy (and, for "
+                                "TensorRT, run `taming-deploy build` on it again)")
 
 
 class Bundle:
