@@ -16,6 +16,7 @@ import numpy as np
 import typer
 
 from taming_deploy.errors import UserError
+from taming_deploy.validation import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     add_completion=False,
@@ -99,6 +100,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Random seed: same seed, model and backend give the same image")] = None,
     save_tokens: Annotated[Optional[Path], typer.Option(help="Save the sampled token grid (.npy)")] = None,
     stats: Annotated[Optional[Path], typer.Option(help="Write timing and call counts (.json)")] = None,
+    max_pixels: Annotated[int, typer.Option(help="Refuse batches (n x width x height) and condition images beyond this many pixels")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Generate images from a condition by sliding-window sampling."""
     from taming_deploy.fileutil import atomic_file, check_output_file
@@ -106,11 +108,12 @@ def generate(
     from taming_deploy.images import output_format, save_image
     from taming_deploy.pipeline import Pipeline
     from taming_deploy.progress import progress_bar
+    from taming_deploy.validation import check_request, check_sampling_options
 
-    if mode not in ("exact", "fast"):
-        raise UserError(f"--mode must be exact or fast, got {mode!r}")
     if backend not in ("auto", "torch", "ort", "trt"):
         raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
+    check_request(n, parse_size(size), seed, mode, window_stride)  # before loading the model
+    check_sampling_options(greedy, temperature, top_k or None, top_p)
     if cond is not None and class_id is not None:
         raise UserError("pass either --cond or --class-id, not both")
     one_file = n == 1 or grid
@@ -135,6 +138,7 @@ def generate(
             top_p=top_p,
             temperature=temperature,
             on_token=update,
+            max_pixels=max_pixels,
         )
     images = [result.images[0] if n == 1 else make_grid(result.images)] if one_file else result.images
     for path, image in zip(paths, images):

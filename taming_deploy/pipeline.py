@@ -25,6 +25,13 @@ from taming_deploy.errors import UserError
 from taming_deploy.images import to_pil
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions
+from taming_deploy.validation import (
+    DEFAULT_MAX_PIXELS,
+    check_generation_size,
+    check_max_pixels,
+    check_request,
+    normalize_condition,
+)
 from taming_deploy.windows import Mode
 
 Condition = ImageSource | int | None
@@ -56,22 +63,24 @@ class Pipeline:
         ``backend_options`` (e.g. ``note``) go to ``taming_deploy.backends.load_backend``."""
         return cls(load_backend(path, backend, **backend_options))
 
-    def condition_tokens(self, cond: Condition, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    def condition_tokens(self, cond: Condition, size: tuple[int, int] | None,
+                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
         """A user's condition -> (condition tokens (1, h, w) or (1, 1), latent grid (h, w)).
 
         ``size`` = (width, height) in pixels; spatial conditions default to their own size. Sizes are
-        rounded to the downsampling factor.
+        rounded to the downsampling factor. Condition images beyond ``max_pixels`` are not read.
         """
+        cond = normalize_condition(cond)
         cspec, factor = self.spec.condition, self.spec.downsample_factor
         if cspec.spatial:
             if cond is None or isinstance(cond, int):
                 raise UserError(f"this model is conditioned on a {cspec.kind} map: pass one (--cond FILE)")
             if cspec.kind == "segmentation":
-                labels = read_label_map(cond, cspec)
+                labels = read_label_map(cond, cspec, max_pixels)
                 width, height = snap_size(*(size or labels.shape[::-1]), factor)
                 array = resize_labels(labels, (width, height))[None]
             else:
-                depth = read_depth_map(cond)
+                depth = read_depth_map(cond, max_pixels)
                 width, height = snap_size(*(size or depth.shape[::-1]), factor)
                 array = resize_depth(depth, (width, height))[None, None]
             return self.backend.condition_tokens(array), (height // factor, width // factor)
@@ -100,13 +109,22 @@ class Pipeline:
         top_p: float | None = None,
         temperature: float = 1.0,
         on_token: Callable[[int, int], None] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> Generation:
-        """Sample ``n`` images for one condition in one batch; the same seed gives the same images."""
-        if n < 1:
-            raise UserError(f"n must be >= 1, got {n}")
+        """Sample ``n`` images for one condition in one batch; the same seed gives the same images.
+
+        ``max_pixels`` bounds the batch's output pixels (n x width x height) and any condition image read;
+        a larger request is refused with its memory estimate before anything is allocated."""
+        check_request(n, size, seed, mode, window_stride)
+        max_pixels = check_max_pixels(max_pixels)
         options = SamplingOptions(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+        factor = self.spec.downsample_factor
+        if size is not None:
+            width, height = snap_size(*size, factor)
+            check_generation_size(self.spec, n, (height // factor, width // factor), max_pixels)
         with self._lock:
-            cond_tokens, latent = self.condition_tokens(cond, size)
+            cond_tokens, latent = self.condition_tokens(cond, size, max_pixels)
+            check_generation_size(self.spec, n, latent, max_pixels)
             cond_tokens = np.repeat(cond_tokens, n, axis=0)
             rng = np.random.default_rng(seed)
             tokens, stats = sample_tokens(self.backend, cond_tokens, latent, options, rng, mode, window_stride, on_token)
