@@ -7,6 +7,7 @@ user passes ``trust_pickle`` (unpickling can run code from the file).
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -137,21 +138,48 @@ def model_config(model: dict) -> tuple[ModelConfig, str]:
     raise UserError(f"model target {target} is not supported (supported: {NET2NET}, {VQMODEL}, {VQSEG})")
 
 
-def load_lightning_state_dict(ckpt: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+PICKLE_PROTOCOL = 0x80  # the first byte of a legacy torch.save pickle (protocol 2 and later)
+
+
+def check_checkpoint_file(ckpt: Path) -> None:
+    """Refuse what is not a PyTorch checkpoint, and a zip checkpoint whose contents fail their CRC
+    (torch.load reads a damaged tensor without noticing)."""
     if not Path(ckpt).is_file():
         raise UserError(f"checkpoint {ckpt} does not exist")
+    with open(ckpt, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(ckpt) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise UserError(f"{ckpt}: damaged checkpoint archive ({first_line(exc, 120)})") from None
+        if damaged is not None:
+            raise UserError(f"{ckpt}: damaged checkpoint: {damaged} fails its CRC check (truncated or corrupted file)")
+    elif not head or head[0] != PICKLE_PROTOCOL:
+        raise UserError(f"{ckpt}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+
+
+def load_lightning_state_dict(ckpt: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    check_checkpoint_file(ckpt)
     try:
         obj: Any = torch.load(ckpt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # weights-only unpickling met bytes, not a Python object
+            raise UserError(f"{ckpt}: damaged or not a PyTorch checkpoint (its pickle does not parse)") from None
         if not trust_pickle:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "it stores Python objects"
+            reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "it stores Python objects")
             raise UserError(
                 f"{ckpt} holds more than tensors and can only be opened by arbitrary unpickling, which can run "
-                f"code from the file ({reason}); re-run with --trust-pickle if you trust where it came from"
+                f"code from the file ({first_line(reason, 160)}); re-run with --trust-pickle if you trust where it came from"
             ) from None
-        obj = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"cannot read checkpoint {ckpt}: {exc}") from None
+        try:
+            obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 -- arbitrary unpickling can fail with any exception
+            raise UserError(f"{ckpt}: cannot unpickle the checkpoint ({type(exc).__name__}: {first_line(exc, 120)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read checkpoint {ckpt}: {first_line(exc, 160)}") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{ckpt} has no state_dict of tensors")
