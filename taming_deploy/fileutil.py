@@ -222,6 +222,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     check_output_file(target)
     with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
         fd, name = tempfile.mkstemp(prefix=temp_prefix("tmp", target), dir=target.parent)
         os.close(fd)
         tmp = Path(name)
