@@ -37,9 +37,12 @@ def default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+WRITER_LEFTOVER = re.compile(r"\.(tmp|old)-.+-\d+-.+|\..+\.lock")  # what a writer killed inside an output leaves
+
+
 def foreign_entries(path: Path) -> list[str]:
     """The entries of a directory that taming-deploy did not write there: all of them without the marker;
-    nested outputs of ours (e.g. a bundle's engines/) count as ours."""
+    nested outputs of ours (e.g. a bundle's engines/) and a killed nested writer's leftovers count as ours."""
     entries = sorted(path.iterdir())
     try:
         listed = set(json.loads((path / OUTPUT_MARKER).read_text())["entries"])
@@ -47,7 +50,8 @@ def foreign_entries(path: Path) -> list[str]:
         return [entry.name for entry in entries]
     own_dir = lambda entry: entry.is_dir() and not entry.is_symlink() and not foreign_entries(entry)  # noqa: E731
     return [entry.name for entry in entries
-            if entry.name != OUTPUT_MARKER and not (entry.name in listed and not entry.is_symlink()) and not own_dir(entry)]
+            if entry.name != OUTPUT_MARKER and not (entry.name in listed and not entry.is_symlink()) and not own_dir(entry)
+            and not WRITER_LEFTOVER.fullmatch(entry.name)]
 
 
 def check_replaceable(target: Path, inputs: Iterable[Path] = ()) -> None:

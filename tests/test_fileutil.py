@@ -92,6 +92,8 @@ def test_replacing_refuses_foreign_files_and_inputs(tmp_path):
         (tmp / "model").write_text("m")
     with atomic_directory(target / "engines") as tmp:  # a nested output of ours
         (tmp / "plan").write_text("p")
+    (target / ".engines.lock").write_text("")  # a killed build of the nested output left these
+    (target / ".tmp-engines-123-abc").mkdir()
     with atomic_directory(target) as tmp:  # replaces both
         (tmp / "model").write_text("m2")
     with pytest.raises(UserError, match="would replace the input"):
