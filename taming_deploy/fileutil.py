@@ -224,12 +224,15 @@ def atomic_file(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     check_output_file(target)
-    with writing(target):
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target)
         fd, name = tempfile.mkstemp(prefix=temp_prefix("tmp", target), dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    except OSError as exc:  # any reason: nothing of ours is running yet (read-only, /proc, permissions...)
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = Path(name)
+    with writing(target):
         try:
             yield tmp
             tmp.chmod(default_mode(directory=False))

@@ -43,6 +43,8 @@ CASES = [
     Case("generate-name-too-long", GENERATE + " --out {tmp}/" + "a" * 300 + ".png", ("too long",)),
     Case("generate-unknown-extension", GENERATE + " --out {tmp}/x.gif", ("unknown image file type", ".gif")),
     Case("generate-no-extension", GENERATE + " --out {tmp}/x", ("unknown image file type",)),
+    Case("generate-into-sysfs", GENERATE + " --out /sys/x.png", ("cannot write", "/sys/x.png")),  # read-only or root-only
+    Case("generate-into-procfs", GENERATE + " --out /proc/x.png", ("cannot write", "/proc/x.png")),
     Case("generate-tokens-onto-directory", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/d", ("is a directory",), files("d/k")),
 ]
 
