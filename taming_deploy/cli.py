@@ -117,7 +117,7 @@ def generate(
     if cond is not None and class_id is not None:
         raise UserError("pass either --cond or --class-id, not both")
     one_file = n == 1 or grid
-    paths = [out] if one_file else [out.with_name(f"{out.stem}_{k:03d}{out.suffix}") for k in range(max(n, 0))]
+    paths = [out] if one_file else [out.with_name(f"{out.stem}_{k:03d}{out.suffix}") for k in range(n)]
     for path in [*paths, save_tokens, stats]:
         if path is not None:
             check_output_file(path)  # before minutes of sampling, not after
