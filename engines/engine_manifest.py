@@ -8,15 +8,15 @@ worse, an engine silently computing an older model.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from taming_deploy.engines.profiles import Profile
 from taming_deploy.bundle import GraphFile, Manifest
+from taming_deploy.documents import first_line, read_json
 from taming_deploy.errors import UserError
-from taming_deploy.fileutil import sha256_file
+from taming_deploy.fileutil import check_relative_name, sha256_file
 from taming_deploy.model_paths import BUNDLE_MANIFEST, DEFAULT_MODEL
 
 ENGINES_DIR = "engines"
@@ -65,7 +65,7 @@ class EngineEntry:
     @classmethod
     def from_dict(cls, d: dict) -> "EngineEntry":
         return cls(
-            file=d["file"],
+            file=check_relative_name(d["file"], "engines.json: engines.*.file"),
             sha256=d["sha256"],
             source_file=d["source"]["file"],
             source_sha256=d["source"]["sha256"],
@@ -106,8 +106,8 @@ class EngineManifest:
                 build=d.get("build", {}),
                 format_version=version,
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise UserError(f"{source}: malformed engines manifest ({type(exc).__name__}: {exc}); rebuild the engines") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise UserError(f"{source}: malformed engines manifest ({type(exc).__name__}: {first_line(exc, 120)}); rebuild the engines") from None
 
 
 def user_engines_root() -> Path:
@@ -140,10 +140,10 @@ def read_engine_manifest(bundle_dir: Path) -> EngineManifest:
             f"`{build_command(bundle_dir)}` on the machine with the NVIDIA GPU"
         )
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable engines manifest ({exc}); rebuild the engines") from None
-    return EngineManifest.from_dict(raw, str(path))
+        document = read_json(path, "engines manifest")
+    except UserError as exc:
+        raise UserError(f"{exc}; rebuild the engines") from None
+    return EngineManifest.from_dict(document.data, str(path))
 
 
 def environment_difference(built: Environment, current: Environment) -> str | None:

@@ -47,6 +47,7 @@ from taming_deploy.engines.engine_manifest import EngineEntry, Environment, buil
 from taming_deploy.engines.profiles import Profile, past_names, transformer_io_problem, transformer_profile_index, transformer_shapes
 from taming_deploy.bundle import Bundle
 from taming_deploy.errors import UserError
+from taming_deploy.fileutil import contained_path
 
 
 @dataclass
@@ -118,7 +119,7 @@ class TrtBackend:
     # -- loading ---------------------------------------------------------------------------------
 
     def _load(self, directory: Path, name: str, entry: EngineEntry) -> _Engine:
-        trt, path = self._trt, directory / entry.file
+        trt, path = self._trt, contained_path(directory, entry.file, str(directory / "engines.json"))
         rebuild = f"rebuild the engines with `{build_command(self.bundle.path)}`"
         try:
             data = path.read_bytes()

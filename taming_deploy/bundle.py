@@ -10,12 +10,12 @@ bundle fails with a message naming the file instead of computing garbage.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from taming_deploy.errors import UserError
-from taming_deploy.fileutil import sha256_file
+from taming_deploy.documents import Doc, item_int, read_json, shown
+from taming_deploy.fileutil import check_relative_name, contained_path, sha256_file
 from taming_deploy.model_paths import BUNDLE_MANIFEST
 from taming_deploy.spec import ModelSpec
 
@@ -23,6 +23,7 @@ BUNDLE_FORMAT = "taming-deploy-bundle"
 BUNDLE_VERSION = 2
 GRAPH_NAMES = ("encoder", "decoder", "cond_encoder", "transformer")
 PRECISIONS = ("fp32", "fp16")
+TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "bool")
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,10 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+    def from_dict(cls, d: dict | Doc) -> "TensorSpec":
+        doc = d if isinstance(d, Doc) else Doc(d, "tensor spec")
+        dim = lambda v, where: v if isinstance(v, str) and len(v) <= 64 else item_int(0, 1 << 31, doc.source)(v, where)  # noqa: E731
+        return cls(doc.str("name", max_length=256), doc.str("dtype", TENSOR_DTYPES), tuple(doc.list("shape", dim, max_items=16)))
 
 
 @dataclass(frozen=True)
@@ -59,14 +62,19 @@ class GraphFile:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GraphFile":
+    def from_dict(cls, d: dict | Doc) -> "GraphFile":
+        doc = d if isinstance(d, Doc) else Doc(d, "graph entry")
+        sha256 = doc.str("sha256")
+        if len(sha256) != 64 or sha256.strip("0123456789abcdef"):
+            raise doc.fail("sha256", "64 lowercase hex digits", sha256)
+        tensors = lambda t, where: TensorSpec.from_dict(Doc(t, doc.source, where))  # noqa: E731
         return cls(
-            file=d["file"],
-            sha256=d["sha256"],
-            precision=d["precision"],
-            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-            weight_storage=d.get("weight_storage", "float"),
+            file=check_relative_name(doc.str("file"), f"{doc.source}: {doc.field('file')}"),
+            sha256=sha256,
+            precision=doc.str("precision", PRECISIONS),
+            inputs=tuple(doc.list("inputs", tensors, max_items=1024)),
+            outputs=tuple(doc.list("outputs", tensors, max_items=1024)),
+            weight_storage=doc.str("weight_storage", ("float", "int8"), default="float"),
         )
 
 
@@ -89,11 +97,12 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, source: str) -> "Manifest":
-        if d.get("format") != BUNDLE_FORMAT:
-            raise UserError(f"{source}: not a taming-deploy bundle manifest (format {d.get('format')!r})")
-        version = d.get("format_version")
-        if not isinstance(version, int) or version > BUNDLE_VERSION:
+    def from_dict(cls, d: dict | Doc, source: str) -> "Manifest":
+        doc = d if isinstance(d, Doc) else Doc(d, source)
+        if doc.raw("format", None) != BUNDLE_FORMAT:
+            raise UserError(f"{source}: not a taming-deploy bundle manifest (format {shown(doc.raw('format', None))})")
+        version = doc.int("format_version", 0, 1 << 20)
+        if version > BUNDLE_VERSION:
             raise UserError(
                 f"{source}: bundle format version {version} is newer than this taming-deploy reads "
                 f"({BUNDLE_VERSION}); upgrade taming-deploy or export the bundle again with this version"
@@ -103,16 +112,37 @@ class Manifest:
                 f"{source}: bundle format version {version} is older than this taming-deploy reads "
                 f"({BUNDLE_VERSION}); export the bundle again with `taming-deploy export`"
             )
-        try:
-            return cls(
-                model=ModelSpec.from_dict(d["model"]),
-                graphs={g: {p: GraphFile.from_dict(f) for p, f in by_p.items()} for g, by_p in d["graphs"].items()},
-                producer=d.get("producer", {}),
-                validation=d.get("validation", {}),
-                format_version=version,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        graphs: dict[str, dict[str, GraphFile]] = {}
+        for name, _ in doc.items("graphs"):
+            if name not in GRAPH_NAMES:
+                raise UserError(f"{source}: graphs.{shown(name)}: not a graph name ({', '.join(GRAPH_NAMES)})")
+            graphs[name] = {}
+            for precision, entry in doc.doc("graphs").items(name):
+                graph = GraphFile.from_dict(entry)
+                if precision != graph.precision:
+                    raise entry.fail("precision", f"{precision!r} as its key says", graph.precision)
+                graphs[name][precision] = graph
+        manifest = cls(
+            model=ModelSpec.from_dict(doc.doc("model")),
+            graphs=graphs,
+            producer=doc.doc("producer", default={}).data,
+            validation=doc.doc("validation", default={}).data,
+            format_version=version,
+        )
+        manifest.check_graphs(source)
+        return manifest
+
+    def check_graphs(self, source: str) -> None:
+        """The graphs' declared interfaces agree with the model (layers, heads, block, vocabulary)."""
+        from taming_deploy.engines.profiles import transformer_io_problem  # the interface the runtime drives
+
+        for required in ("encoder", "decoder", "transformer"):
+            if not self.graphs.get(required):
+                raise UserError(f"{source}: graphs.{required}: missing")
+        for graph in self.graphs["transformer"].values():
+            if reason := transformer_io_problem(graph, self.model):
+                raise UserError(f"{source}: {reason}; export the bundle again with this taming-deploy (and, for "
+                                "TensorRT, run `taming-deploy build` on it again)")
 
 
 class Bundle:
@@ -123,11 +153,7 @@ class Bundle:
         manifest_path = self.path / BUNDLE_MANIFEST
         if not manifest_path.is_file():
             raise UserError(f"{self.path}: not a bundle (no {BUNDLE_MANIFEST}); create one with `taming-deploy export`")
-        try:
-            raw = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{manifest_path}: unreadable manifest ({exc})") from None
-        self.manifest = Manifest.from_dict(raw, str(manifest_path))
+        self.manifest = Manifest.from_dict(read_json(manifest_path, "bundle manifest"), str(manifest_path))
         self._verified: set[str] = set()
 
     @property
@@ -146,7 +172,7 @@ class Bundle:
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
         """The verified path of a graph file."""
         entry = self.graph(name, precision)
-        path = self.path / entry.file
+        path = contained_path(self.path, entry.file, str(self.path / BUNDLE_MANIFEST))
         if entry.file not in self._verified:
             if not path.is_file():
                 raise UserError(f"{self.path}: {entry.file} is listed in the manifest but missing; export the bundle again")
@@ -163,3 +189,15 @@ class Bundle:
         for name, by_precision in self.manifest.graphs.items():
             for precision in by_precision:
                 self.graph_path(name, precision)
+
+    def problems(self) -> list[str]:
+        """Every graph file the manifest names that is missing, outside the bundle or changed, one line
+        each; whichever backend would load them (``taming-deploy verify``)."""
+        found = []
+        for name, by_precision in self.manifest.graphs.items():
+            for precision in by_precision:
+                try:
+                    self.graph_path(name, precision)
+                except UserError as exc:
+                    found.append(str(exc))
+        return found

@@ -16,6 +16,7 @@ import numpy as np
 import typer
 
 from taming_deploy.errors import UserError
+from taming_deploy.validation import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     add_completion=False,
@@ -142,6 +143,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Random seed: same seed, model and backend give the same image")] = None,
     save_tokens: Annotated[Optional[Path], typer.Option(help="Save the sampled token grid (.npy)")] = None,
     stats: Annotated[Optional[Path], typer.Option(help="Write timing and call counts (.json)")] = None,
+    max_pixels: Annotated[int, typer.Option(help="Refuse batches (n x width x height) and condition images beyond this many pixels")] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Generate images from a condition by sliding-window sampling."""
     from taming_deploy.fileutil import atomic_file, check_output_file
@@ -149,19 +151,21 @@ def generate(
     from taming_deploy.images import output_format, save_image
     from taming_deploy.pipeline import Pipeline
     from taming_deploy.progress import progress_bar
+    from taming_deploy.validation import check_request, check_sampling_options
 
-    if mode not in ("exact", "fast"):
-        raise UserError(f"--mode must be exact or fast, got {mode!r}")
     if backend not in ("auto", "torch", "ort", "trt"):
         raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
-    if cond is not None and class_id is not None:
-        raise UserError("pass either --cond or --class-id, not both")
-    if window_stride is not None and mode != "fast":
-        raise UserError("--window-stride applies to --mode fast only (exact mode places the window for every token)")
     if top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+    if window_stride is not None and mode != "fast":
+        raise UserError("--window-stride applies to --mode fast only (exact mode places the window for every token)")
+    stride = 8 if window_stride is None else window_stride
+    check_request(n, parse_size(size), seed, mode, stride)  # before loading the model
+    check_sampling_options(greedy, temperature, top_k or None, top_p)
+    if cond is not None and class_id is not None:
+        raise UserError("pass either --cond or --class-id, not both")
     one_file = n == 1 or grid
-    paths = [out] if one_file else [out.with_name(f"{out.stem}_{k:03d}{out.suffix}") for k in range(max(n, 0))]
+    paths = [out] if one_file else [out.with_name(f"{out.stem}_{k:03d}{out.suffix}") for k in range(n)]
     for path in [*paths, save_tokens, stats]:
         if path is not None:
             check_output_file(path)  # before minutes of sampling, not after
@@ -192,12 +196,13 @@ def generate(
             size=requested,
             seed=seed,
             mode=mode,  # type: ignore[arg-type]
-            window_stride=8 if window_stride is None else window_stride,
+            window_stride=stride,
             greedy=greedy,
             top_k=top_k or None,
             top_p=top_p,
             temperature=temperature,
             on_token=on_token,
+            max_pixels=max_pixels,
         )
     show_notes_once()
     images = [result.images[0] if n == 1 else make_grid(result.images)] if one_file else result.images
@@ -284,6 +289,20 @@ def print_system_info(path: Optional[Path], as_json: bool) -> None:
     if path is not None:
         raise UserError("info --system describes this machine and takes no PATH")
     typer.echo(json.dumps(system_json(), indent=1) if as_json else "\n".join(system_lines()))
+
+
+@app.command()
+@user_errors_exit
+def verify(bundle: Annotated[Path, typer.Argument(help="Exported bundle directory")]) -> None:
+    """Check every file a bundle's manifest (and engines/engines.json) names against its sha256."""
+    from taming_deploy.verify import bundle_problems
+
+    problems = bundle_problems(bundle)
+    for line in problems:
+        typer.echo(f"error: {line}", err=True)
+    if problems:
+        raise typer.Exit(code=2)
+    typer.echo(f"{bundle}: every file matches its manifest")
 
 
 @app.command()

@@ -10,23 +10,28 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from taming_deploy.documents import first_line
 from taming_deploy.errors import UserError
 from taming_deploy.images import from_pil
 from taming_deploy.labels import palette_listing
 from taming_deploy.spec import ConditionSpec
+from taming_deploy.validation import DEFAULT_MAX_PIXELS, check_condition_array, check_image_size
 
 LABEL_MODES = ("L", "P", "I", "I;16")  # I: 2-D integer arrays handed to the Python API
 
 
-def open_image(path: Path) -> Image.Image:
+def open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
         image = Image.open(path)
+        check_image_size(image.width, image.height, str(path), max_pixels)  # from the header, before decoding
         image.load()  # decode now, so a truncated file fails here and not halfway through sampling
     except UnidentifiedImageError:
         raise UserError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError as exc:  # raised by Image.open itself, past twice Pillow's own limit
+        raise UserError(f"{path}: {first_line(exc)}; taming-deploy's limit is {max_pixels:,} pixels (--max-pixels)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: cannot decode image ({exc}); is the file truncated or corrupt?") from None
     return image
@@ -80,21 +85,22 @@ def check_label_range(ids: np.ndarray, spec: ConditionSpec, source: str) -> None
 ImageSource = Path | str | Image.Image | np.ndarray
 
 
-def as_image(source: ImageSource) -> tuple[Image.Image, str]:
+def as_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
     """A path, PIL image or 2-D array -> (PIL image, name for messages)."""
     if isinstance(source, Image.Image):
+        check_image_size(source.width, source.height, "condition image", max_pixels)
         return source, "condition image"
     if isinstance(source, np.ndarray):
-        if source.ndim != 2:
-            raise UserError(f"condition array: expected a 2-D (H, W) array, got shape {source.shape}")
+        check_condition_array(source)
+        check_image_size(source.shape[1], source.shape[0], "condition array", max_pixels)
         array = source.astype(np.int32) if np.issubdtype(source.dtype, np.integer) else source.astype(np.float32)
         return Image.fromarray(array), "condition array"
-    return open_image(Path(source)), str(source)
+    return open_image(Path(source), max_pixels), str(source)
 
 
-def read_label_map(source: ImageSource, spec: ConditionSpec) -> np.ndarray:
+def read_label_map(source: ImageSource, spec: ConditionSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A label map -> (H, W) int64 class ids, checked against the model's label range."""
-    image, name = as_image(source)
+    image, name = as_image(source, max_pixels)
     ids = label_ids(image, spec, name)
     check_label_range(ids, spec, name)
     return ids
@@ -129,9 +135,9 @@ def depth_values(image: Image.Image, name: str) -> np.ndarray:
     return np.asarray(image.convert("F") if image.mode != "F" else image, dtype=np.float32)
 
 
-def read_depth_map(source: ImageSource) -> np.ndarray:
+def read_depth_map(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A depth image -> (H, W) float32 min-max scaled per image to [-1, 1], as the original does."""
-    image, name = as_image(source)
+    image, name = as_image(source, max_pixels)
     depth = depth_values(image, name)
     low, high = float(depth.min()), float(depth.max())
     return (2.0 * (depth - low) / max(high - low, 1e-8) - 1.0).astype(np.float32)
@@ -144,9 +150,9 @@ def resize_depth(depth: np.ndarray, size: tuple[int, int], resample: Image.Resam
     return np.asarray(Image.fromarray(depth, mode="F").resize(size, resample), dtype=np.float32)
 
 
-def read_condition_image(source: ImageSource) -> np.ndarray:
+def read_condition_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An RGB condition image (low-resolution picture, keypoint render, edge map...) -> (3, H, W) float32 in [-1, 1]."""
-    image, name = as_image(source)
+    image, name = as_image(source, max_pixels)
     if image.mode not in ("RGB", "RGBA", "L", "P", "LA"):
         raise UserError(f"{name}: expected an RGB image as the condition, got mode {image.mode}")
     return from_pil(image.convert("RGB"))[0]

@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from taming_deploy.errors import UserError
 
@@ -37,9 +37,12 @@ def default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+WRITER_LEFTOVER = re.compile(r"\.(tmp|old)-.+-\d+-.+|\..+\.lock")  # what a writer killed inside an output leaves
+
+
 def foreign_entries(path: Path) -> list[str]:
     """The entries of a directory that taming-deploy did not write there: all of them without the marker;
-    nested outputs of ours (e.g. a bundle's engines/) count as ours."""
+    nested outputs of ours (e.g. a bundle's engines/) and a killed nested writer's leftovers count as ours."""
     entries = sorted(path.iterdir())
     try:
         listed = set(json.loads((path / OUTPUT_MARKER).read_text())["entries"])
@@ -47,7 +50,8 @@ def foreign_entries(path: Path) -> list[str]:
         return [entry.name for entry in entries]
     own_dir = lambda entry: entry.is_dir() and not entry.is_symlink() and not foreign_entries(entry)  # noqa: E731
     return [entry.name for entry in entries
-            if entry.name != OUTPUT_MARKER and not (entry.name in listed and not entry.is_symlink()) and not own_dir(entry)]
+            if entry.name != OUTPUT_MARKER and not (entry.name in listed and not entry.is_symlink()) and not own_dir(entry)
+            and not WRITER_LEFTOVER.fullmatch(entry.name)]
 
 
 def check_replaceable(target: Path, inputs: Iterable[Path] = ()) -> None:
@@ -220,11 +224,15 @@ def atomic_file(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     check_output_file(target)
-    with writing(target):
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
         fd, name = tempfile.mkstemp(prefix=temp_prefix("tmp", target), dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    except OSError as exc:  # any reason: nothing of ours is running yet (read-only, /proc, permissions...)
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = Path(name)
+    with writing(target):
         try:
             yield tmp
             tmp.chmod(default_mode(directory=False))
@@ -242,3 +250,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_relative_name(name: str, source: str) -> str:
+    """A file name a document gives, refused unless it is a plain relative path (no '..', not absolute)."""
+    parts = PurePosixPath(name).parts
+    if not name or name.startswith("/") or ".." in parts or "\\" in name or "\x00" in name or len(name) > 1024:
+        raise UserError(f"{source}: the file name {name[:60]!r} is not a plain relative path inside its directory")
+    return name
+
+
+def contained_path(root: Path, name: str, source: str) -> Path:
+    """``root / name``, refused unless it resolves inside ``root`` (symlinks included)."""
+    path = Path(root) / check_relative_name(name, source)
+    resolved, inside = path.resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(inside):
+        raise UserError(f"{source}: {name} points outside {root} (to {resolved}); refusing to load it")
+    return path

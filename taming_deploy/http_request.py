@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from taming_deploy.errors import UserError
 from taming_deploy.pipeline import GenerationRequest
+from taming_deploy.validation import check_request, check_sampling_options
 from taming_deploy.cli import parse_size
 
 BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
@@ -106,19 +107,19 @@ def generation_request(params: Mapping[str, str], body: bytes, content_type: str
         raise RequestTooLarge(f"the request asks for {pixels} pixels (n x width x height); this service takes at most "
                               f"{limits.max_pixels}")
     top_k, temperature = integer(params, "top_k"), real(params, "temperature")
-    mode = params.get("mode", "exact")
-    if mode not in ("exact", "fast"):
-        raise UserError(f"mode must be exact or fast, got {mode[:40]!r}")
     request = GenerationRequest(
         cond=image if image is not None else class_id,
         n=n,
         size=size,
         seed=integer(params, "seed"),
-        mode=mode,  # type: ignore[arg-type]
+        mode=params.get("mode", "exact")[:40],  # type: ignore[arg-type]
         window_stride=integer(params, "window_stride") or 8,
         greedy=boolean(params, "greedy"),
         top_k=100 if top_k is None else top_k or None,
         top_p=real(params, "top_p"),
         temperature=1.0 if temperature is None else temperature,
     )
+    # the pipeline's own checks, now, so that a bad request never joins (and splits) a batch
+    check_request(request.n, request.size, request.seed, request.mode, request.window_stride)
+    check_sampling_options(request.greedy, request.temperature, request.top_k, request.top_p)
     return request, output

@@ -1,30 +1,22 @@
 """`taming-deploy info`: what a bundle or a checkpoint holds, read without torch."""
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 from taming_deploy.bundle import Bundle
 from taming_deploy.conditions import EXPECTED_CONDITION
 from taming_deploy.engines.engine_manifest import ENGINES_MANIFEST, engines_dir
+from taming_deploy.documents import first_line, read_json, read_safetensors_header
 from taming_deploy.errors import UserError
 from taming_deploy.labels import label_lines
 from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, DEFAULT_MODEL, is_bundle, is_checkpoint
 from taming_deploy.spec import ConditionSpec, ModelSpec
 
 
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: tensor name -> dtype, shape, offsets."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
-
-
 def parameter_counts(path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for name, entry in safetensors_header(path).items():
-        if name == "__metadata__" or name.endswith((".attn.mask", ".colorize")):
+    for name, entry in read_safetensors_header(path).items():
+        if name.endswith((".attn.mask", ".colorize")):
             continue  # buffers, not parameters
         size = 1
         for dim in entry["shape"]:
@@ -67,13 +59,19 @@ def describe_bundle(path: Path) -> list[str]:
         lines.append(f"validation:   {len(checks) - len(failed)}/{len(checks)} checks passed at export")
     engines = engines_dir(path) / ENGINES_MANIFEST
     if engines.is_file():
-        info = json.loads(engines.read_text())
+        info = read_json(engines, "engines manifest").data
         lines.append(f"engines:      TensorRT {info.get('tensorrt_version')} for {info.get('gpu', {}).get('name')} in {engines.parent}")
     return lines
 
 
 def describe_checkpoint(path: Path) -> list[str]:
-    config = json.loads((path / CHECKPOINT_CONFIG).read_text())
+    try:
+        return checkpoint_lines(path, read_json(path / CHECKPOINT_CONFIG, "checkpoint config").data)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:  # read without the training schema (torch)
+        raise UserError(f"{path / CHECKPOINT_CONFIG}: malformed checkpoint config ({type(exc).__name__}: {first_line(exc, 120)})") from None
+
+
+def checkpoint_lines(path: Path, config: dict) -> list[str]:
     lines = [f"checkpoint {path} (format {config.get('format_version')})"]
     stages = [s for s in ("first_stage", "condition", "transformer") if s in config]
     lines.append(f"stages:       {', '.join(stages)}")
@@ -99,7 +97,7 @@ def model_condition(path: Path | None) -> ConditionSpec:
     if is_bundle(path):
         return Bundle(path).spec.condition
     if is_checkpoint(path):
-        config = json.loads((path / CHECKPOINT_CONFIG).read_text())
+        config = read_json(path / CHECKPOINT_CONFIG, "checkpoint config").data
         if "condition" not in config:
             raise UserError(f"{path}: the checkpoint holds no condition stage")
         return ConditionSpec.from_dict(config["condition"])

@@ -27,6 +27,13 @@ from taming_deploy.errors import UserError
 from taming_deploy.images import to_pil
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions, TokenStream
+from taming_deploy.validation import (
+    DEFAULT_MAX_PIXELS,
+    check_generation_size,
+    check_max_pixels,
+    check_request,
+    normalize_condition,
+)
 from taming_deploy.windows import Mode
 
 Condition = ImageSource | int | None
@@ -59,26 +66,28 @@ class Pipeline:
         ``backend_options`` (e.g. ``note``) go to ``taming_deploy.backends.load_backend``."""
         return cls(load_backend(path, backend, **backend_options))
 
-    def condition_tokens(self, cond: Condition, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    def condition_tokens(self, cond: Condition, size: tuple[int, int] | None,
+                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
         """A user's condition -> (condition tokens (1, h, w) or (1, 1), latent grid (h, w)).
 
         ``size`` = (width, height) in pixels; spatial conditions default to their own size. Sizes are
-        rounded to the downsampling factor.
+        rounded to the downsampling factor. Condition images beyond ``max_pixels`` are not read.
         """
+        cond = normalize_condition(cond)
         cspec, factor = self.spec.condition, self.spec.downsample_factor
         if cspec.spatial:
             if cond is None or isinstance(cond, int):
                 raise UserError(f"this model is conditioned on a {cspec.kind} map: pass one (--cond FILE)")
             if cspec.kind == "segmentation":
-                labels = read_label_map(cond, cspec)
+                labels = read_label_map(cond, cspec, max_pixels)
                 width, height = snap_size(*(size or labels.shape[::-1]), factor)
                 array = resize_labels(labels, (width, height))[None]
             elif cspec.kind == "depth":
-                depth = read_depth_map(cond)
+                depth = read_depth_map(cond, max_pixels)
                 width, height = snap_size(*(size or depth.shape[::-1]), factor)
                 array = resize_depth(depth, (width, height))[None, None]
             else:
-                image = read_condition_image(cond)
+                image = read_condition_image(cond, max_pixels)
                 width, height = snap_size(*(size or image.shape[:0:-1]), factor)
                 array = resize_condition_image(image, (width, height))[None]
             return self.backend.condition_tokens(array), (height // factor, width // factor)
@@ -107,35 +116,46 @@ class Pipeline:
         top_p: float | None = None,
         temperature: float = 1.0,
         on_token: Callable[[int, int], None] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> Generation:
-        """Sample ``n`` images for one condition in one batch; the same seed gives the same images."""
-        request = GenerationRequest(cond, n, size, seed, mode, window_stride, greedy, top_k, top_p, temperature)
-        return self.generate_batch([request], on_token=on_token)[0]
+        """Sample ``n`` images for one condition in one batch; the same seed gives the same images.
 
-    def generate_batch(self, requests: Sequence[GenerationRequest],
-                       on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+        ``max_pixels`` bounds the batch's output pixels (n x width x height) and any condition image read;
+        a larger request is refused with its memory estimate before anything is allocated."""
+        request = GenerationRequest(cond, n, size, seed, mode, window_stride, greedy, top_k, top_p, temperature)
+        return self.generate_batch([request], on_token=on_token, max_pixels=max_pixels)[0]
+
+    def generate_batch(self, requests: Sequence[GenerationRequest], on_token: Callable[[int, int], None] | None = None,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Generation]:
         """Several requests, each with its own condition, seed and options, in as few sampler runs as
         possible: requests of the same latent size and sampling options share one run (one transformer
-        call per step for all their images). Each request's images equal what it gives alone, because
-        every image draws from its own random stream, keyed by (seed, image index, latent cell)."""
-        for request in requests:
-            if request.n < 1:
-                raise UserError(f"n must be >= 1, got {request.n}")
+        call per step for all their images) while the run's output pixels stay within ``max_pixels``.
+        Each request's images equal what it gives alone, because every image draws from its own random
+        stream, keyed by (seed, image index, latent cell). A bad request fails the call with its message."""
+        max_pixels = check_max_pixels(max_pixels)
+        options = [self.check(request, max_pixels) for request in requests]  # before any condition is read
         with self._lock:
-            prepared = [self.prepare(request) for request in requests]
-            groups: dict[tuple, list[int]] = {}
-            for index, item in enumerate(prepared):
-                groups.setdefault(item.batch_key, []).append(index)
+            prepared = [self.prepare(request, o, max_pixels) for request, o in zip(requests, options)]
             results: list[Generation | None] = [None] * len(requests)
-            for indices in groups.values():
+            for indices in sampler_runs(prepared, max_pixels // self.spec.downsample_factor**2):
                 for index, generation in zip(indices, self.sample_group([prepared[k] for k in indices], on_token)):
                     results[index] = generation
         return results  # type: ignore[return-value]
 
-    def prepare(self, request: GenerationRequest) -> "PreparedRequest":
+    def check(self, request: GenerationRequest, max_pixels: int) -> SamplingOptions:
+        """What can be checked without reading the condition: the request's fields, and its size if given."""
+        check_request(request.n, request.size, request.seed, request.mode, request.window_stride)
         options = SamplingOptions(greedy=request.greedy, temperature=request.temperature, top_k=request.top_k,
                                   top_p=request.top_p)
-        cond_tokens, latent = self.condition_tokens(request.cond, request.size)
+        if request.size is not None:
+            factor = self.spec.downsample_factor
+            width, height = snap_size(*request.size, factor)
+            check_generation_size(self.spec, request.n, (height // factor, width // factor), max_pixels)
+        return options
+
+    def prepare(self, request: GenerationRequest, options: SamplingOptions, max_pixels: int) -> "PreparedRequest":
+        cond_tokens, latent = self.condition_tokens(request.cond, request.size, max_pixels)
+        check_generation_size(self.spec, request.n, latent, max_pixels)
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
         return PreparedRequest(request, options, np.repeat(cond_tokens, request.n, axis=0), latent, seed)
 
@@ -206,3 +226,20 @@ class PreparedRequest:
         """Requests with equal keys run in one sampler call."""
         r = self.request
         return self.latent, self.options, r.mode, r.window_stride if r.mode == "fast" else None
+
+    @property
+    def cells(self) -> int:
+        """Latent cells of all the request's images."""
+        return self.request.n * self.latent[0] * self.latent[1]
+
+
+def sampler_runs(prepared: Sequence[PreparedRequest], max_cells: int) -> list[list[int]]:
+    """Indices of the requests sampled together: equal batch keys, at most ``max_cells`` latent cells a
+    run (a request over it alone was refused before)."""
+    runs: dict[tuple, list[list[int]]] = {}
+    for index, item in enumerate(prepared):
+        chunks = runs.setdefault(item.batch_key, [[]])
+        if chunks[-1] and sum(prepared[k].cells for k in chunks[-1]) + item.cells > max_cells:
+            chunks.append([])
+        chunks[-1].append(index)
+    return [chunk for chunks in runs.values() for chunk in chunks]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from taming_deploy.errors import UserError
+from taming_deploy.validation import check_sampling_options
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,7 @@ class SamplingOptions:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        check_sampling_options(self.greedy, self.temperature, self.top_k, self.top_p)
 
 
 MASK64 = (1 << 64) - 1

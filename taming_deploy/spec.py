@@ -6,10 +6,16 @@ with this spec; the sampler, the condition readers and every backend work from i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+from taming_deploy.documents import Doc, item_int, item_list, item_str
+from taming_deploy.errors import UserError
 
 ConditionKind = Literal["segmentation", "depth", "image", "class", "unconditional"]
 SPATIAL_KINDS = ("segmentation", "depth", "image")  # image: an RGB picture (super-resolution, keypoints, edges)
+MAX_VOCAB = 1 << 20  # codebooks, vocabularies and class counts
+MAX_LABELS = 1 << 16
+MAX_BLOCK = 1 << 16  # transformer positions (the original's models use 256..1024)
 
 
 @dataclass(frozen=True)
@@ -43,16 +49,35 @@ class ConditionSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ConditionSpec":
+    def from_dict(cls, d: dict | Doc) -> "ConditionSpec":
+        """From a document, checked field by field (see taming_deploy.documents)."""
+        doc = d if isinstance(d, Doc) else Doc(d, "condition spec")
+        kind = doc.str("kind", get_args(ConditionKind))
+        n_labels = doc.int("n_labels", 1, MAX_LABELS, default=None)
+        if kind == "segmentation" and n_labels is None:
+            raise UserError(f"{doc.source}: {doc.field('n_labels')}: missing (a segmentation condition needs it)")
+        n_classes = doc.int("n_classes", 1, MAX_VOCAB, default=None)
+        if kind == "class" and n_classes is None:
+            raise UserError(f"{doc.source}: {doc.field('n_classes')}: missing (a class condition needs it)")
+        per_label = n_labels if kind == "segmentation" else None
+        names = doc.list("label_names", item_str(doc.source, 200), default=None, length=per_label)
+        colour = item_int(0, 255, doc.source)
+        palette = doc.list("palette", item_list(colour, doc.source, length=3), default=None, length=per_label)
+        remap = doc.doc("label_remap", default={})
+        label_remap = {}
+        for key in remap.keys():
+            if not key.isdigit() or int(key) > MAX_LABELS:
+                raise remap.fail(key, "label ids as keys", key)
+            label_remap[int(key)] = remap.int(key, 0, MAX_LABELS)
         return cls(
-            kind=d["kind"],
-            codebook_size=d.get("codebook_size"),
-            n_labels=d.get("n_labels"),
-            label_names=tuple(d["label_names"]) if d.get("label_names") else None,
-            palette=tuple(tuple(int(v) for v in c) for c in d["palette"]) if d.get("palette") else None,
-            label_remap={int(k): int(v) for k, v in d.get("label_remap", {}).items()},
-            n_classes=d.get("n_classes"),
-            sos_token=int(d.get("sos_token", 0)),
+            kind=kind,  # type: ignore[arg-type]
+            codebook_size=doc.int("codebook_size", 1, MAX_VOCAB, default=None),
+            n_labels=n_labels,
+            label_names=tuple(names) if names else None,
+            palette=tuple(tuple(c) for c in palette) if palette else None,  # type: ignore[arg-type]
+            label_remap=label_remap,
+            n_classes=n_classes,
+            sos_token=doc.int("sos_token", 0, MAX_VOCAB, default=0),
         )
 
 
@@ -89,15 +114,27 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(
-            downsample_factor=int(d["downsample_factor"]),
-            image_codebook_size=int(d["image_codebook_size"]),
-            vocab_size=int(d["vocab_size"]),
-            block_size=int(d["block_size"]),
-            n_layer=int(d["n_layer"]),
-            n_head=int(d["n_head"]),
-            n_embd=int(d["n_embd"]),
-            window=(int(d["window"][0]), int(d["window"][1])),
-            condition=ConditionSpec.from_dict(d["condition"]),
+    def from_dict(cls, d: dict | Doc) -> "ModelSpec":
+        """From a document, checked field by field, ranges and the fields' agreement included."""
+        doc = d if isinstance(d, Doc) else Doc(d, "model spec")
+        spec = cls(
+            downsample_factor=doc.int("downsample_factor", 1, 256),
+            image_codebook_size=doc.int("image_codebook_size", 1, MAX_VOCAB),
+            vocab_size=doc.int("vocab_size", 1, MAX_VOCAB),
+            block_size=doc.int("block_size", 1, MAX_BLOCK),
+            n_layer=doc.int("n_layer", 1, 1024),
+            n_head=doc.int("n_head", 1, 1024),
+            n_embd=doc.int("n_embd", 1, 1 << 16),
+            window=tuple(doc.list("window", item_int(1, 1024, doc.source), length=2)),  # type: ignore[arg-type]
+            condition=ConditionSpec.from_dict(doc.doc("condition")),
         )
+        c = spec.condition
+        if spec.n_embd % spec.n_head:
+            raise UserError(f"{doc.source}: {doc.field('n_embd')}: {spec.n_embd} is not a multiple of n_head {spec.n_head}")
+        needed = max(spec.image_codebook_size, c.codebook_size or 0, c.n_classes or 0, c.sos_token + 1)
+        if spec.vocab_size < needed:
+            raise UserError(f"{doc.source}: {doc.field('vocab_size')}: {spec.vocab_size} does not cover the codebooks ({needed} tokens)")
+        cells = spec.window[0] * spec.window[1]
+        if (cells if c.spatial else 1) + cells - 1 > spec.block_size:
+            raise UserError(f"{doc.source}: {doc.field('window')}: {list(spec.window)} needs more positions than block_size {spec.block_size}")
+        return spec

@@ -4,8 +4,10 @@ no traceback, and nothing changed in the test's directory (which holds every fil
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from helpers import assert_one_line_error, run_cli
 
-Setup = Callable[[Path], None]
+Setup = Callable[[Path, dict[str, Path]], None]  # (the test's directory, the named fixture paths)
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def tree_state(root: Path) -> dict[str, str]:
 def run_case(case: Case, tmp: Path, names: dict[str, Path]) -> subprocess.CompletedProcess:
     """Run one case and assert what every hostile input must give; return the process for extra checks."""
     if case.setup is not None:
-        case.setup(tmp)
+        case.setup(tmp, names)
     before = tree_state(tmp)
     words = [word.format(tmp=tmp, **names) for word in shlex.split(case.command)]
     proc = run_cli(*words)
@@ -52,3 +54,45 @@ def run_case(case: Case, tmp: Path, names: dict[str, Path]) -> subprocess.Comple
     assert len(proc.stderr) < 2000, "an error message should be one readable line"
     assert tree_state(tmp) == before, "a refused command changed files"
     return proc
+
+
+def copy_of(name: str, to: str) -> Setup:
+    """Copy the named fixture (a bundle or checkpoint directory, or a file) to ``tmp/to``."""
+    def setup(tmp: Path, names: dict[str, Path]) -> None:
+        source = names[name]
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp / to)
+    return setup
+
+
+def then(*setups: Setup) -> Setup:
+    def setup(tmp: Path, names: dict[str, Path]) -> None:
+        for step in setups:
+            step(tmp, names)
+    return setup
+
+
+def write(relative: str, content: str | bytes) -> Setup:
+    def setup(tmp: Path, names: dict[str, Path]) -> None:
+        path = tmp / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)  # type: ignore[operator]
+    return setup
+
+
+def edit_json(relative: str, dotted: str, value: object) -> Setup:
+    """Set one field (``a.b.0.c``; ``-`` deletes it) of a JSON file under tmp."""
+    def setup(tmp: Path, names: dict[str, Path]) -> None:
+        path = tmp / relative
+        document = json.loads(path.read_text())
+        *parents, last = dotted.split(".")
+        node = document
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if value == "-":
+            del node[key]
+        else:
+            node[key] = value
+        path.write_text(json.dumps(document))
+    return setup

@@ -49,6 +49,17 @@ def test_a_batch_of_mixed_requests_equals_the_requests_run_alone(pipeline):
     assert not np.array_equal(batched[1].tokens[0], batched[1].tokens[1])
 
 
+def test_runs_are_split_to_stay_within_max_pixels_and_results_do_not_change(pipeline):
+    requests = [GenerationRequest(label_map(k), seed=k) for k in range(3)]  # 32x48 px each
+    whole = pipeline.generate_batch(requests)
+    split = pipeline.generate_batch(requests, max_pixels=2 * 32 * 48)
+    assert [g.stats["batch"] for g in whole] == [3, 3, 3] and [g.stats["batch"] for g in split] == [2, 2, 1]
+    for a, b in zip(whole, split):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    with pytest.raises(UserError, match="the limit is"):
+        pipeline.generate_batch([GenerationRequest(label_map(0), n=2)], max_pixels=32 * 48)
+
+
 def test_a_request_without_a_seed_reports_the_seed_that_reproduces_it(pipeline):
     first = pipeline.generate_batch([GenerationRequest(label_map(0))])[0]
     again = pipeline.generate(label_map(0), seed=first.stats["seed"])
@@ -60,5 +71,5 @@ def test_a_bad_request_fails_the_batch_with_its_own_message(pipeline):
     bad[0, 0] = 99
     with pytest.raises(UserError, match="label ids 99 are out of range"):
         pipeline.generate_batch([GenerationRequest(label_map(1), seed=0), GenerationRequest(bad, seed=0)])
-    with pytest.raises(UserError, match="n must be >= 1"):
+    with pytest.raises(UserError, match="n must be an integer >= 1"):
         pipeline.generate_batch([GenerationRequest(label_map(1), n=0)])

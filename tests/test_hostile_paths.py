@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,14 @@ import pytest
 from PIL import Image
 
 from helpers import assert_one_line_error, run_cli
-from hostile import Case, run_case
+from hostile import Case, copy_of, run_case, then, write
 
 GENERATE = "generate --model {checkpoint} --backend torch --cond {labels} --greedy"
 IMPORT = "import-taming {ckpt} --config {yaml}"
 
 
 def files(*names: str):
-    def setup(tmp: Path) -> None:
+    def setup(tmp: Path, _names) -> None:
         for name in names:
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,38 +27,30 @@ def files(*names: str):
     return setup
 
 
-def copy_reference_into(folder: str):
-    def setup(tmp: Path) -> None:
-        from conftest import REFERENCE_DIR
-
-        (tmp / folder).mkdir()
-        shutil.copy(REFERENCE_DIR / "last.ckpt", tmp / folder / "last.ckpt")
-    return setup
-
-
 CASES = [
     Case("import-into-dir-with-user-files", IMPORT + " --out {tmp}/out", ("did not write", "notes.txt"), files("out/notes.txt")),
     Case("import-into-dir-holding-its-input", "import-taming {tmp}/in/last.ckpt --config {yaml} --out {tmp}/in", ("input",),
-         copy_reference_into("in")),
+         then(write("in/keep", "x"), copy_of("ckpt", "in/last.ckpt"))),
     Case("import-onto-a-file", IMPORT + " --out {tmp}/out", ("not a directory",), files("out")),
     Case("export-into-dir-with-user-files", "export {checkpoint} --out {tmp}/b --no-fp16", ("did not write",), files("b/x.onnx")),
     Case("export-into-its-own-checkpoint", "export {tmp}/ck --out {tmp}/ck --no-fp16", ("input",),
-         lambda tmp: shutil.copytree(os.environ["HOSTILE_CHECKPOINT"], tmp / "ck")),
+         copy_of("checkpoint", "ck")),
     Case("export-into-parent-of-checkpoint", "export {tmp}/p/ck --out {tmp}/p --no-fp16", ("input",),
-         lambda tmp: shutil.copytree(os.environ["HOSTILE_CHECKPOINT"], tmp / "p" / "ck")),
+         then(write("p/keep", "x"), copy_of("checkpoint", "p/ck"))),
     Case("generate-onto-directory", GENERATE + " --out {tmp}/d", ("is a directory",), files("d/keep.png")),
     Case("generate-under-a-file", GENERATE + " --out {tmp}/f.txt/x.png", ("not a directory",), files("f.txt")),
     Case("generate-empty-out", GENERATE + " --out ''", ("names no file",)),
     Case("generate-name-too-long", GENERATE + " --out {tmp}/" + "a" * 300 + ".png", ("too long",)),
     Case("generate-unknown-extension", GENERATE + " --out {tmp}/x.gif", ("unknown image file type", ".gif")),
     Case("generate-no-extension", GENERATE + " --out {tmp}/x", ("unknown image file type",)),
+    Case("generate-into-sysfs", GENERATE + " --out /sys/x.png", ("cannot write", "/sys/x.png")),  # read-only or root-only
+    Case("generate-into-procfs", GENERATE + " --out /proc/x.png", ("cannot write", "/proc/x.png")),
     Case("generate-tokens-onto-directory", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/d", ("is a directory",), files("d/k")),
 ]
 
 
 @pytest.fixture
-def names(imported_checkpoint, label_png, reference_dir, monkeypatch):
-    monkeypatch.setenv("HOSTILE_CHECKPOINT", str(imported_checkpoint))
+def names(imported_checkpoint, label_png, reference_dir):
     return {"checkpoint": imported_checkpoint, "labels": label_png, "ckpt": reference_dir / "last.ckpt",
             "yaml": reference_dir / "project.yaml"}
 

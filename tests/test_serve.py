@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import signal
 import subprocess
@@ -60,6 +59,9 @@ def test_query_parameters_become_the_request_the_cli_would_make():
     ({"temperature": "nan"}, b"", None, UserError, "temperature must be a finite number"),
     ({"greedy": "maybe"}, b"", None, UserError, "greedy must be true or false"),
     ({"mode": "slow"}, b"", None, UserError, "mode must be exact or fast"),
+    ({"seed": "-1"}, b"", None, UserError, "seed must be an integer in 0.."),
+    ({"top_p": "1.5"}, b"", None, UserError, "top-p must be in"),
+    ({"temperature": "0"}, b"", None, UserError, "temperature must be a finite number > 0"),
     ({"format": "gif"}, b"", None, UserError, "format must be png or json"),
     ({"colour": "red"}, b"", None, UserError, "unknown query parameter 'colour'"),
     ({"size": "12"}, b"", None, UserError, "--size must look like"),

@@ -287,6 +287,7 @@ def test_sigkilled_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
     assert f"resuming {run} at step {killed_at}" in resumed.stdout
     steps = [row["step"] for row in read_metrics(run) if "train/total_loss" in row]
     assert steps == list(range(1, target + 1))  # the curve continues: no gap, no repeated stretch
+    assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]  # the kill's leftovers removed
     straight = tmp_path / "straight"
     done = subprocess.run(train_cli(config, straight, target), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from taming_deploy.documents import first_line, read_json, read_safetensors_header
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory
 from taming_deploy.model_paths import CHECKPOINT_CONFIG as CONFIG_FILE
@@ -37,10 +38,7 @@ def read_config(path: Path) -> ModelConfig:
     path = Path(path)
     if not is_checkpoint(path):
         raise UserError(f"{path} is not a taming-deploy checkpoint (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path / CONFIG_FILE} is not a valid checkpoint config: {exc}") from None
+    return ModelConfig.from_dict(read_json(path / CONFIG_FILE, "checkpoint config"))
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -62,15 +60,26 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise UserError(f"{source} does not match its config; " + "; ".join(problems))
 
 
+def check_weights_file(path: Path, config: ModelConfig) -> None:
+    """The safetensors header agrees with the config, checked on a model without memory (the meta device),
+    so that a config of absurd sizes is refused before anything is allocated."""
+    header = read_safetensors_header(path)
+    with torch.device("meta"):
+        skeleton = TamingModel(config)
+        shapes = {name: torch.empty(entry["shape"]) for name, entry in header.items()}
+    check_state_dict(skeleton, shapes, str(path.parent))
+
+
 def load_model(path: Path, device: str = "cpu") -> TamingModel:
     """Build the model a checkpoint's config describes and load its weights strictly."""
     path = Path(path)
     config = read_config(path)
+    check_weights_file(path / WEIGHTS_FILE, config)
     model = TamingModel(config)
     try:
         state = load_file(str(path / WEIGHTS_FILE), device=device)
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"cannot read {path / WEIGHTS_FILE}: {exc}") from None
+        raise UserError(f"cannot read {path / WEIGHTS_FILE}: {first_line(exc)}") from None
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from taming_deploy.documents import Doc, item_int, shown
 from taming_deploy.errors import UserError
-from taming_deploy.spec import ConditionSpec, ModelSpec
+from taming_deploy.spec import MAX_BLOCK, MAX_LABELS, MAX_VOCAB, ConditionSpec, ModelSpec
 from taming_deploy.training.models.gpt import GPTConfig
 from taming_deploy.training.models.vqgan import AutoencoderConfig
 
@@ -96,21 +97,63 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        if d.get("format") != CONFIG_FORMAT:
-            raise UserError(f"not a taming-deploy checkpoint config (format is {d.get('format')!r})")
-        if int(d.get("format_version", 0)) > CONFIG_VERSION:
+    def from_dict(cls, d: dict | Doc) -> "ModelConfig":
+        """From config.json, checked field by field (types and ranges) and for the stages' agreement."""
+        doc = d if isinstance(d, Doc) else Doc(d, "checkpoint config")
+        if doc.raw("format", None) != CONFIG_FORMAT:
+            raise UserError(f"{doc.source}: not a taming-deploy checkpoint config (format is {shown(doc.raw('format', None))})")
+        version = doc.int("format_version", 0, 1 << 20, default=0)
+        if version > CONFIG_VERSION:
             raise UserError(
-                f"checkpoint format version {d['format_version']} is newer than this taming-deploy understands "
+                f"{doc.source}: checkpoint format version {version} is newer than this taming-deploy understands "
                 f"({CONFIG_VERSION}); upgrade taming-deploy"
             )
-        return cls(
-            first_stage=AutoencoderConfig.from_dict(d["first_stage"]) if "first_stage" in d else None,
-            condition=ConditionSpec.from_dict(d["condition"]) if "condition" in d else None,
-            condition_autoencoder=(
-                AutoencoderConfig.from_dict(d["condition_autoencoder"]) if "condition_autoencoder" in d else None
-            ),
-            transformer=GPTConfig(**d["transformer"]) if "transformer" in d else None,
-            window=tuple(d.get("window", (16, 16))),
-            pkeep=float(d.get("pkeep", 1.0)),
+        config = cls(
+            first_stage=autoencoder_from_doc(doc.doc("first_stage")) if "first_stage" in doc else None,
+            condition=ConditionSpec.from_dict(doc.doc("condition")) if "condition" in doc else None,
+            condition_autoencoder=autoencoder_from_doc(doc.doc("condition_autoencoder")) if "condition_autoencoder" in doc else None,
+            transformer=gpt_from_doc(doc.doc("transformer")) if "transformer" in doc else None,
+            window=tuple(doc.list("window", item_int(1, 1024, doc.source), length=2, default=[16, 16])),  # type: ignore[arg-type]
+            pkeep=doc.float("pkeep", 0.0, 1.0, default=1.0),
         )
+        try:
+            config.validate()
+        except UserError as exc:
+            raise UserError(f"{doc.source}: {exc}") from None
+        return config
+
+
+def autoencoder_from_doc(doc: Doc) -> AutoencoderConfig:
+    size = lambda key, high=4096: doc.int(key, 1, high)  # noqa: E731
+    return AutoencoderConfig(
+        ch=size("ch"),
+        ch_mult=tuple(doc.list("ch_mult", item_int(1, 64, doc.source), max_items=8)),
+        num_res_blocks=doc.int("num_res_blocks", 0, 64),
+        attn_resolutions=tuple(doc.list("attn_resolutions", item_int(1, 1 << 16, doc.source), max_items=16)),
+        in_channels=size("in_channels", MAX_LABELS),
+        out_ch=size("out_ch", MAX_LABELS),
+        resolution=size("resolution", 1 << 16),
+        z_channels=size("z_channels"),
+        embed_dim=size("embed_dim"),
+        n_embed=size("n_embed", MAX_VOCAB),
+        dropout=doc.float("dropout", 0.0, 1.0, default=0.0),
+        double_z=doc.bool("double_z", default=False),
+        beta=doc.float("beta", 0.0, 100.0, default=0.25),
+        legacy=doc.bool("legacy", default=True),
+    )
+
+
+def gpt_from_doc(doc: Doc) -> GPTConfig:
+    if unknown := sorted(set(doc.keys()) - set(GPTConfig.__dataclass_fields__)):
+        raise UserError(f"{doc.source}: {doc.field(unknown[0])}: not a transformer setting")
+    gpt = GPTConfig(
+        vocab_size=doc.int("vocab_size", 1, MAX_VOCAB),
+        block_size=doc.int("block_size", 1, MAX_BLOCK),
+        n_layer=doc.int("n_layer", 1, 1024),
+        n_head=doc.int("n_head", 1, 1024),
+        n_embd=doc.int("n_embd", 1, 1 << 16),
+        **{k: doc.float(k, 0.0, 1.0, default=0.0) for k in ("embd_pdrop", "resid_pdrop", "attn_pdrop")},
+    )
+    if gpt.n_embd % gpt.n_head:
+        raise UserError(f"{doc.source}: {doc.field('n_embd')}: {gpt.n_embd} is not a multiple of n_head {gpt.n_head}")
+    return gpt

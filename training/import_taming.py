@@ -7,13 +7,14 @@ user passes ``trust_pickle`` (unpickling can run code from the file).
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
+from taming_deploy.documents import Doc, first_line, read_yaml
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import check_replaceable
 from taming_deploy.spec import ConditionSpec
@@ -37,13 +38,10 @@ DDCONFIG_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_ch
 
 
 def read_project_yaml(path: Path) -> dict:
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read config {path}: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict) or "target" not in doc["model"]:
+    model = read_yaml(path, "project config").raw("model", None)
+    if not isinstance(model, dict) or not isinstance(model.get("target"), str):
         raise UserError(f"{path} has no model.target: is it a Taming Transformers project.yaml?")
-    return doc["model"]
+    return model
 
 
 def read_remap(params: dict, where: str, config_path: Path) -> np.ndarray | None:
@@ -204,21 +202,48 @@ def model_config(model: dict, config_path: Path = Path("project.yaml")) -> tuple
     raise UserError(f"model target {target} is not supported (supported: {NET2NET}, {VQMODEL}, {GUMBEL}, {VQSEG})")
 
 
-def load_lightning_state_dict(ckpt: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+PICKLE_PROTOCOL = 0x80  # the first byte of a legacy torch.save pickle (protocol 2 and later)
+
+
+def check_checkpoint_file(ckpt: Path) -> None:
+    """Refuse what is not a PyTorch checkpoint, and a zip checkpoint whose contents fail their CRC
+    (torch.load reads a damaged tensor without noticing)."""
     if not Path(ckpt).is_file():
         raise UserError(f"checkpoint {ckpt} does not exist")
+    with open(ckpt, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(ckpt) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise UserError(f"{ckpt}: damaged checkpoint archive ({first_line(exc, 120)})") from None
+        if damaged is not None:
+            raise UserError(f"{ckpt}: damaged checkpoint: {damaged} fails its CRC check (truncated or corrupted file)")
+    elif not head or head[0] != PICKLE_PROTOCOL:
+        raise UserError(f"{ckpt}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+
+
+def load_lightning_state_dict(ckpt: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    check_checkpoint_file(ckpt)
     try:
         obj: Any = torch.load(ckpt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # weights-only unpickling met bytes, not a Python object
+            raise UserError(f"{ckpt}: damaged or not a PyTorch checkpoint (its pickle does not parse)") from None
         if not trust_pickle:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "it stores Python objects"
+            reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "it stores Python objects")
             raise UserError(
                 f"{ckpt} holds more than tensors and can only be opened by arbitrary unpickling, which can run "
-                f"code from the file ({reason}); re-run with --trust-pickle if you trust where it came from"
+                f"code from the file ({first_line(reason, 160)}); re-run with --trust-pickle if you trust where it came from"
             ) from None
-        obj = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"cannot read checkpoint {ckpt}: {exc}") from None
+        try:
+            obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 -- arbitrary unpickling can fail with any exception
+            raise UserError(f"{ckpt}: cannot unpickle the checkpoint ({type(exc).__name__}: {first_line(exc, 120)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read checkpoint {ckpt}: {first_line(exc, 160)}") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{ckpt} has no state_dict of tensors")
@@ -233,7 +258,11 @@ def is_training_only(key: str) -> bool:
 def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool = False) -> ModelConfig:
     check_replaceable(Path(out), (ckpt, project_yaml))  # before reading a checkpoint of gigabytes
     raw = read_project_yaml(project_yaml)
-    config, prefix = model_config(raw, Path(project_yaml))
+    try:
+        config, prefix = model_config(raw, Path(project_yaml))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # the original's loose schema: a field of the wrong kind
+        raise UserError(f"{project_yaml}: not a project config this importer reads ({type(exc).__name__}: {first_line(exc, 120)})") from None
+    config = ModelConfig.from_dict(Doc(config.to_dict(), str(project_yaml)))  # the project's own ranges and agreement
     state = {prefix + k: v for k, v in load_lightning_state_dict(ckpt, trust_pickle).items() if not is_training_only(k)}
     state = {**remap_buffers(raw, Path(project_yaml)), **state}
     if raw.get("params", {}).get("cond_stage_config") == "__is_first_stage__" and not any(k.startswith("cond_stage_model.") for k in state):

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
 
+from taming_deploy.documents import Doc, read_yaml
 from taming_deploy.errors import UserError
 
 STAGES = ("vqgan", "cond", "transformer")
@@ -68,12 +68,21 @@ def known(cls, values: dict, where: str) -> dict:
     return values
 
 
+def check_loop(doc: Doc) -> None:
+    """Types and ranges of the loop settings (after --steps/--batch-size overrides), before any output."""
+    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "image_every", "workers",
+                "image_size", "token_cache_images", "token_cache_size"):
+        doc.int(key, 1 if key != "workers" else 0, 1 << 40)
+    for key in ("seed", "warmup_steps", "codebook_restart_every"):
+        doc.int(key, 0, 1 << 63)
+    doc.float("lr", 0.0, 1.0)
+    doc.float("weight_decay", 0.0, 1.0)
+    doc.str("precision")
+
+
 def load_train_config(path: Path, stage: str, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read training config {path}: {exc}") from None
+    doc = read_yaml(path, "training config").data
     if doc.get("stage", stage) != stage:
         raise UserError(f"{path} is a config for stage {doc.get('stage')!r}, not {stage!r}")
     if unknown := sorted(set(doc) - TOP_LEVEL_KEYS[stage]):
@@ -95,6 +104,7 @@ def load_train_config(path: Path, stage: str, overrides: dict | None = None) -> 
         pkeep=float(doc.get("pkeep", 1.0)),
         window=tuple(doc.get("window", (16, 16))),
     )
+    check_loop(Doc(config.train.__dict__, str(path), "train"))
     if stage == "transformer" and (config.first_stage is None or config.cond_stage is None):
         raise UserError(f"{path}: a transformer config names its trained first_stage and cond_stage checkpoints")
     return config

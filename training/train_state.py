@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from taming_deploy.documents import first_line, read_json, read_safetensors_header
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory
 from taming_deploy.training.checkpoint import CONFIG_FILE, WEIGHTS_FILE
@@ -74,10 +75,22 @@ def load_train_state(path: Path, optimizers: dict[str, torch.optim.Optimizer]) -
     path = Path(path)
     if not (path / TRAINER_FILE).is_file():
         raise UserError(f"{path}: no training state to resume from ({TRAINER_FILE} missing)")
-    trainer = json.loads((path / TRAINER_FILE).read_text())
+    trainer = read_json(path / TRAINER_FILE, "training state")
+    step = trainer.int("step", 0, 1 << 40)
+    metas = {name: trainer.doc("optimizers").doc(name) for name in optimizers}
+    for file in (OPTIMIZERS_FILE, WEIGHTS_FILE):
+        read_safetensors_header(path / file)
     tensors = load_file(str(path / OPTIMIZERS_FILE))
+    if "rng.torch" not in tensors:
+        raise UserError(f"{path / OPTIMIZERS_FILE}: rng.torch: missing")
     for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(unflatten_optimizer(name, tensors, trainer["optimizers"][name]))
-    torch.set_rng_state(tensors["rng.torch"])
+        try:
+            optimizer.load_state_dict(unflatten_optimizer(name, tensors, metas[name].data))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"{path / TRAINER_FILE}: optimizers.{name}: does not fit the model ({first_line(exc, 120)})") from None
+    try:
+        torch.set_rng_state(tensors["rng.torch"])
+    except (TypeError, RuntimeError) as exc:
+        raise UserError(f"{path / OPTIMIZERS_FILE}: rng.torch: not a torch RNG state ({first_line(exc, 120)})") from None
     extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return load_file(str(path / WEIGHTS_FILE)), extra, int(trainer["step"])
+    return load_file(str(path / WEIGHTS_FILE)), extra, step

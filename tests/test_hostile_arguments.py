@@ -1,0 +1,123 @@
+"""Hostile arguments and resource requests, through the CLI and the Python API (one validation serves both):
+each is refused with one line before anything is allocated. CLI cases: see tests/hostile.py."""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hostile import Case, run_case
+from taming_deploy.errors import UserError
+
+GENERATE = "generate --model {checkpoint} --backend torch --cond {labels} --out {tmp}/o.png "
+
+
+def png_header_only(width: int, height: int):
+    """A PNG that declares width x height (8-bit grey) but holds no pixel data: what a decompression bomb
+    looks like before decoding, in a few bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+    def setup(tmp: Path, names: dict) -> None:
+        (tmp / "bomb.png").write_bytes(data)
+    return setup
+
+
+BOMB = GENERATE.replace("{labels}", "{tmp}/bomb.png")
+CASES = [
+    Case("temperature-nan", GENERATE + "--temperature nan", ("temperature", "finite")),
+    Case("temperature-inf", GENERATE + "--temperature inf", ("temperature",)),
+    Case("temperature-zero", GENERATE + "--temperature 0", ("temperature",)),
+    Case("seed-negative", GENERATE + "--seed -1", ("seed", "0..")),
+    Case("seed-beyond-int64", GENERATE + "--seed 18446744073709551616", ("seed",)),
+    Case("top-k-negative", GENERATE + "--top-k -5", ("top-k",)),
+    Case("top-p-zero", GENERATE + "--top-p 0", ("top-p", "(0, 1]")),
+    Case("top-p-above-one", GENERATE + "--top-p 1.5", ("top-p",)),
+    Case("top-p-nan", GENERATE + "--top-p nan", ("top-p",)),
+    Case("mode-unknown", GENERATE + "--mode slow", ("mode", "exact or fast")),
+    Case("window-stride-zero", GENERATE + "--mode fast --window-stride 0", ("window stride",)),
+    Case("n-zero", GENERATE + "-n 0", ("n must be",)),
+    Case("n-ten-thousand", GENERATE + "-n 10000", ("10000 image(s)", "GiB", "limit", "--max-pixels")),
+    Case("size-huge", GENERATE + "--size 100000x100000", ("100000x100000", "GiB", "--max-pixels")),
+    Case("size-zero", GENERATE + "--size 0x0", ("--size",)),
+    Case("max-pixels-zero", GENERATE + "--max-pixels 0", ("max-pixels",)),
+    Case("condition-beyond-max-pixels", BOMB, ("bomb.png", "5000x5000", "limit of 4,194,304"), png_header_only(5000, 5000)),
+    Case("condition-30000-squared", BOMB, ("bomb.png", "900000000 pixels", "limit is 4,194,304"), png_header_only(30000, 30000)),
+    Case("condition-bomb-past-pillow-limit", BOMB + "--max-pixels 1000000000000", ("bomb.png", "900000000 pixels"),
+         png_header_only(30000, 30000)),
+    Case("condition-empty-png", BOMB, ("bomb.png",), png_header_only(0, 0)),
+]
+
+
+@pytest.fixture
+def names(imported_checkpoint, label_png):
+    return {"checkpoint": imported_checkpoint, "labels": label_png}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_cli_argument(case, tmp_path, names):
+    run_case(case, tmp_path, names)
+
+
+@pytest.fixture(scope="module")
+def pipeline(imported_checkpoint):
+    from taming_deploy.pipeline import Pipeline
+
+    return Pipeline.load(imported_checkpoint, "torch")
+
+
+API_CASES = [
+    ("empty-array", dict(cond=np.zeros((0, 0), np.uint8)), "empty"),
+    ("wrapping-label-ids", dict(cond=np.full((16, 16), 2**32 + 3, np.int64)), "out of range"),
+    ("negative-label-ids", dict(cond=np.full((16, 16), -1, np.int64)), "out of range"),
+    ("nan-depth-array", dict(cond=np.full((16, 16), np.nan, np.float32)), "NaN"),
+    ("3-d-array", dict(cond=np.zeros((2, 16, 16), np.uint8)), "2-D"),
+    ("float-condition", dict(cond=3.5), "a condition is"),
+    ("bool-condition", dict(cond=True), "a condition is"),
+    ("size-zero", dict(size=(0, 0)), "size"),
+    ("size-one-number", dict(size=(64,)), "size"),
+    ("mode-unknown", dict(mode="slow"), "mode"),
+    ("temperature-nan", dict(temperature=float("nan")), "temperature"),
+    ("temperature-string", dict(temperature="1"), "temperature"),
+    ("seed-negative", dict(seed=-1), "seed"),
+    ("seed-float", dict(seed=1.5), "seed"),
+    ("top-k-zero", dict(top_k=0), "top-k"),
+    ("top-p-negative", dict(top_p=-0.1), "top-p"),
+    ("n-bool", dict(n=True), "n must be"),
+    ("n-huge", dict(n=10_000), "GiB"),
+    ("max-pixels-negative", dict(max_pixels=-1), "max-pixels"),
+]
+
+
+@pytest.mark.parametrize("kwargs,needle", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_hostile_api_argument(pipeline, expected, kwargs, needle):
+    kwargs = {"cond": expected["labels"].astype(np.uint8), **kwargs}
+    with pytest.raises(UserError, match=None) as info:
+        pipeline.generate(**kwargs)
+    message = str(info.value)
+    assert needle in message and "\n" not in message and len(message) < 500, message
+
+
+def test_memory_estimate_counts_the_cache_of_every_image():
+    """The embedded model's cache is n_layer x 2 x n x heads x block x head_dim float32: 6.4 MB an image."""
+    from taming_deploy.bundle import Bundle
+    from taming_deploy.model_paths import DEFAULT_MODEL
+    from taming_deploy.validation import DECODER_BYTES_PER_PIXEL, generation_bytes
+
+    spec = Bundle(DEFAULT_MODEL).spec
+    per_image_cache = 6 * 2 * 8 * 512 * 32 * 4
+    assert (spec.n_layer, spec.n_head, spec.block_size, spec.head_dim) == (6, 8, 512, 32)
+    assert generation_bytes(spec, 10_000, (32, 32)) == 10_000 * (per_image_cache + 256 * 256 * DECODER_BYTES_PER_PIXEL)
+
+
+def test_label_ids_are_never_wrapped_by_a_cast(pipeline, expected):
+    """2**32 + 3 used to become 3 (a valid label) in the int32 cast; in range ids still work."""
+    labels = expected["labels"].astype(np.int64)
+    assert pipeline.generate(labels, greedy=True).tokens.shape[0] == 1
+    with pytest.raises(UserError, match="out of range"):
+        pipeline.generate(labels + 2**32, greedy=True)
