@@ -712,7 +712,7 @@ def test_engines_uses_every_name_of_the_tensorrt_list(fake_gpu):
     build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=2)
     backend = load_trt_backend(fake_gpu.bundle, cuda_graph=True)
     cond = backend.condition_tokens(np.zeros((1, 12, 12), np.int64))
-    tokens, _ = sample_tokens(backend, cond, (3, 3), SamplingOptions(greedy=True), np.random.default_rng(0))
+    tokens, _ = sample_tokens(backend, cond, (3, 3), SamplingOptions(greedy=True), TokenStream.for_batch(0, len(cond)))
     backend.decode(tokens)
     listed = {(kind, name) for kind, members in USED.items() for name in members}
     assert fake_gpu.used == listed

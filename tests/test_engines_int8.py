@@ -12,12 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from helpers import assert_one_line_error, run_cli
-from taming_deploy.bundle import Bundle
+from taming_deploy.bundle import GRAPH_NAMES, Bundle
 from taming_deploy.engines import build_engines, deps
 from taming_deploy.engines.dequantize import fold_weight_dequantization
 from taming_deploy.engines.engine_manifest import engines_dir, read_engine_manifest
 from taming_deploy.info import describe
 from taming_deploy.model_paths import DEFAULT_MODEL
+from tensorrt_api import Restricted
 from test_engines_fake import FakeCudart, FakeTensorRT
 
 
@@ -95,7 +96,8 @@ def fake_trt_capturing_parser_input(monkeypatch, tmp_path):
     """The stand-in TensorRT, whose parser keeps the ONNX model it was given; the user cache in tmp_path."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cudart = FakeCudart()
-    trt = FakeTensorRT(cudart, {})
+    bundle = Bundle(DEFAULT_MODEL)
+    trt = FakeTensorRT(cudart, {bundle.graph(name).file: bundle.graph(name) for name in GRAPH_NAMES})
     trt.parsed = {}
     parse = trt.OnnxParser.parse_from_file
 
@@ -104,7 +106,7 @@ def fake_trt_capturing_parser_input(monkeypatch, tmp_path):
         return parse(self, path)
 
     monkeypatch.setattr(trt.OnnxParser, "parse_from_file", parse_and_keep)
-    monkeypatch.setattr(deps, "tensorrt", lambda: trt)
+    monkeypatch.setattr(deps, "tensorrt", lambda: Restricted(trt, "", set()))  # only what the real TensorRT has
     monkeypatch.setattr(deps, "cudart", lambda: cudart)
     return trt
 

@@ -292,7 +292,7 @@ def test_run_eval_reports_each_part_as_it_finishes(tmp_path):
     tokens_per_map = (32 // 2) * (64 // 2)  # tiny model: f=2
     assert bars.updates["label following 64x32"][-1] == (2 * tokens_per_map, 2 * tokens_per_map)
     done = [d for d, _ in bars.updates["label following 64x32"]]
-    assert done == sorted(done) and len(done) > 2 * tokens_per_map  # per token, never backwards
+    assert done == sorted(done) and len(set(done)) > 2  # per transformer call, never backwards
 
 
 def test_eval_cli_quick_preset_and_explicit_options(tmp_path):

@@ -140,7 +140,18 @@ def autoencoder_from_doc(doc: Doc) -> AutoencoderConfig:
         double_z=doc.bool("double_z", default=False),
         beta=doc.float("beta", 0.0, 100.0, default=0.25),
         legacy=doc.bool("legacy", default=True),
+        quantizer=doc.str("quantizer", ("vq", "gumbel"), default="vq"),
+        remap_codes=doc.int("remap_codes", 0, MAX_VOCAB, default=0),
+        unknown_index=unknown_index(doc),
     )
+
+
+def unknown_index(doc: Doc) -> str | int:
+    """The original's remap ``unknown_index``: "random", "extra" or a code id."""
+    value = doc.raw("unknown_index", "random")
+    if isinstance(value, str):
+        return doc.str("unknown_index", ("random", "extra"))
+    return doc.int("unknown_index", 0, MAX_VOCAB)
 
 
 def gpt_from_doc(doc: Doc) -> GPTConfig:
