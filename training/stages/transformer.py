@@ -18,7 +18,7 @@ from taming_deploy.backends.torch_backend import TorchBackend
 from taming_deploy.errors import UserError
 from taming_deploy.model_paths import CHECKPOINT_WEIGHTS
 from taming_deploy.sampler import sample_tokens
-from taming_deploy.sampling import SamplingOptions
+from taming_deploy.sampling import SamplingOptions, TokenStream
 from taming_deploy.training.checkpoint import load_model
 from taming_deploy.training.config import ModelConfig
 from taming_deploy.training.data.sources import Source
@@ -167,7 +167,7 @@ class TransformerStage(ModelWeights):
         shown = 4
         f = self.config.first_stage.downsample_factor  # type: ignore[union-attr]
         cond_grid = self.validation_maps.condition[:shown, :wh, :ww]
-        tokens, _ = sample_tokens(backend, cond_grid, (wh, ww), SamplingOptions(top_k=100), np.random.default_rng(step))
+        tokens, _ = sample_tokens(backend, cond_grid, (wh, ww), SamplingOptions(top_k=100), TokenStream.for_batch(step, len(cond_grid)))
         samples = backend.decode(tokens)
         labels = label_pictures(self.validation_labels[:shown, : wh * f, : ww * f], self.config.condition.palette)  # type: ignore[union-attr]
         gpt.train()
