@@ -164,23 +164,50 @@ def read_json(path: Path, what: str) -> Doc:
     return parse_json(read_text(path, what), str(path), what)
 
 
-def read_yaml(path: Path, what: str) -> Doc:
-    """Safe YAML without anchors and aliases: a few lines of them can expand into gigabytes (alias bombs),
-    and no config of the original or of this project uses them. (yaml is a training-side dependency.)"""
-    import yaml
+MAX_YAML_NODES = 1_000_000  # after expanding aliases; a project.yaml has a few hundred
 
-    class NoAliasLoader(yaml.SafeLoader):
-        def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not supported, line {event.start_mark.line + 1}")
-            return super().compose_node(parent, index)
+
+def expanded_nodes(data: Any, memo: dict[int, int], open_ids: set[int]) -> int:
+    """How many nodes ``data`` has with every alias expanded (shared nodes counted each time they are used,
+    computed once each); a structure that contains itself is refused."""
+    if not isinstance(data, (dict, list)):
+        return 1
+    key = id(data)
+    if key in memo:
+        return memo[key]
+    if key in open_ids:
+        raise UserError("the document refers to itself through a YAML alias")
+    open_ids.add(key)
+    children = [*data.keys(), *data.values()] if isinstance(data, dict) else data
+    total = 1
+    for child in children:
+        total += expanded_nodes(child, memo, open_ids)
+        if total > MAX_YAML_NODES:
+            break
+    open_ids.discard(key)
+    memo[key] = total
+    return total
+
+
+def read_yaml(path: Path, what: str) -> Doc:
+    """Safe YAML whose aliases expand to at most MAX_YAML_NODES nodes: a few lines of nested aliases
+    (an alias bomb) would otherwise expand into gigabytes when the document is walked or copied.
+    (yaml is a training-side dependency, imported here.)"""
+    import yaml
 
     text = read_text(path, what)
     try:
-        data = yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise UserError(f"{path}: the {what} is not valid YAML ({first_line(exc, 160)})") from None
+    try:
+        nodes = expanded_nodes(data, {}, set())
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{path}: the {what} is nested too deeply") from None
+    if nodes > MAX_YAML_NODES:
+        raise UserError(f"{path}: the {what}'s YAML aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
     return Doc({} if data is None else data, str(path))
 
 

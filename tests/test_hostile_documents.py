@@ -18,7 +18,8 @@ INFO = "info {tmp}/b"
 RUN_BUNDLE = "generate --model {tmp}/b --backend ort --cond {labels} --greedy --out {tmp}/o.png"
 RUN_CHECKPOINT = "generate --model {tmp}/ck --backend torch --cond {labels} --greedy --out {tmp}/o.png"
 IMPORT = "import-taming {ckpt} --config {tmp}/p.yaml --out {tmp}/out"
-ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b]\n"
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(  # 10^8 values from 8 lines
+    f"{chr(98 + k)}: &{chr(98 + k)} [{', '.join([f'*{chr(97 + k)}'] * 10)}]\n" for k in range(7))
 
 
 def manifest(dotted: str, value: object) -> object:
@@ -88,7 +89,8 @@ CASES = [
     Case("safetensors-shape-negative", "info {tmp}/ck", ("shape[0]",), safetensors(b'{"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}')),
     Case("safetensors-offsets-past-end", "info {tmp}/ck", ("data_offsets",), safetensors(b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}')),
     # project.yaml
-    Case("yaml-alias-bomb", IMPORT, ("p.yaml", "aliases"), write("p.yaml", ALIAS_BOMB)),
+    Case("yaml-alias-bomb", IMPORT, ("p.yaml", "aliases expand"), write("p.yaml", ALIAS_BOMB)),
+    Case("yaml-self-reference", IMPORT, ("p.yaml", "refers to itself"), write("p.yaml", "model: &m\n  target: x\n  self: *m\n")),
     Case("yaml-a-list", IMPORT, ("p.yaml", "expected a mapping"), write("p.yaml", "- 1\n- 2\n")),
     Case("yaml-not-utf8", IMPORT, ("p.yaml", "not UTF-8"), write("p.yaml", b"model: \xff\n")),
     Case("yaml-block-size-absurd", IMPORT, ("block_size",), yaml_with(lambda t: t.replace("block_size: ", "block_size: 1000000000000 #"))),
