@@ -80,7 +80,7 @@ def test_gpu_extras_match_their_cuda_major_and_leave_onnxruntime_alone():
     assert "onnxruntime" in requirement_names(project["dependencies"])
     for major in ("12", "13"):
         extra = requirement_names(extras[f"gpu-cu{major}"])
-        assert set(extra) == {f"tensorrt-cu{major}", "cuda-python"}
+        assert set(extra) == {f"tensorrt-cu{major}", "cuda-python", "onnx"}  # onnx: build folds int8-weight graphs
         assert extra[f"tensorrt-cu{major}"] == ">=10.9"
         assert extra["cuda-python"] == f">={major if major != '12' else '12.8'},<{int(major) + 1}"
     # onnxruntime-gpu owns the onnxruntime module: no extra may install it beside the base onnxruntime
