@@ -9,7 +9,7 @@ from taming_deploy.engines.engine_manifest import ENGINES_MANIFEST, engines_dir
 from taming_deploy.documents import first_line, read_json, read_safetensors_header
 from taming_deploy.errors import UserError
 from taming_deploy.labels import label_lines
-from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, DEFAULT_MODEL, is_bundle, is_checkpoint
+from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, DEFAULT_MODEL, model_kind
 from taming_deploy.spec import ConditionSpec, ModelSpec
 
 
@@ -94,14 +94,12 @@ def checkpoint_lines(path: Path, config: dict) -> list[str]:
 def model_condition(path: Path | None) -> ConditionSpec:
     """The condition a bundle or checkpoint takes (None: the embedded model), read without torch."""
     path = DEFAULT_MODEL if path is None else Path(path)
-    if is_bundle(path):
+    if model_kind(path) == "bundle":
         return Bundle(path).spec.condition
-    if is_checkpoint(path):
-        config = read_json(path / CHECKPOINT_CONFIG, "checkpoint config").data
-        if "condition" not in config:
-            raise UserError(f"{path}: the checkpoint holds no condition stage")
-        return ConditionSpec.from_dict(config["condition"])
-    raise UserError(f"{path}: neither a bundle (manifest.json) nor a checkpoint (config.json + model.safetensors)")
+    config = read_json(path / CHECKPOINT_CONFIG, "checkpoint config").data
+    if "condition" not in config:
+        raise UserError(f"{path}: the checkpoint holds no condition stage")
+    return ConditionSpec.from_dict(config["condition"])
 
 
 def describe(path: Path | None) -> list[str]:
@@ -109,8 +107,4 @@ def describe(path: Path | None) -> list[str]:
     if path is None:
         return [f"the embedded default model (used when --model is omitted), installed at {DEFAULT_MODEL}"] + describe_bundle(DEFAULT_MODEL)
     path = Path(path)
-    if is_bundle(path):
-        return describe_bundle(path)
-    if is_checkpoint(path):
-        return describe_checkpoint(path)
-    raise UserError(f"{path}: neither a bundle (manifest.json) nor a checkpoint (config.json + model.safetensors)")
+    return describe_bundle(path) if model_kind(path) == "bundle" else describe_checkpoint(path)

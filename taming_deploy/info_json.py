@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from taming_deploy.bundle import Bundle
-from taming_deploy.errors import UserError
 from taming_deploy.info import parameter_counts
-from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, is_bundle, is_checkpoint
+from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, model_kind
 
 
 def bundle_json(path: Path) -> dict[str, Any]:
@@ -39,8 +38,4 @@ def checkpoint_json(path: Path) -> dict[str, Any]:
 
 def describe_json(path: Path) -> dict[str, Any]:
     path = Path(path)
-    if is_bundle(path):
-        return bundle_json(path)
-    if is_checkpoint(path):
-        return checkpoint_json(path)
-    raise UserError(f"{path}: neither a bundle (manifest.json) nor a checkpoint (config.json + model.safetensors)")
+    return bundle_json(path) if model_kind(path) == "bundle" else checkpoint_json(path)
