@@ -16,6 +16,7 @@ import numpy as np
 import typer
 
 from taming_deploy.errors import UserError
+from taming_deploy.validation import parse_size
 from taming_deploy.validation import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
@@ -60,19 +61,6 @@ def user_errors_exit(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(code=130) from None
 
     return wrapper
-
-
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """'WxH' -> (W, H)."""
-    if text is None:
-        return None
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--size must look like 512x256 (width x height), got {text!r}") from None
-    if width < 1 or height < 1:
-        raise UserError(f"--size must be positive, got {text!r}")
-    return width, height
 
 
 def condition_size(cond: Path | None) -> tuple[int, int] | None:

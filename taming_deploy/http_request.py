@@ -15,8 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from taming_deploy.errors import UserError
 from taming_deploy.pipeline import GenerationRequest
-from taming_deploy.validation import check_request, check_sampling_options
-from taming_deploy.cli import parse_size
+from taming_deploy.validation import check_request, check_sampling_options, parse_size
 
 BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 OUTPUT_FORMATS = ("png", "json")

@@ -55,6 +55,19 @@ def check_request(n: Any, size: Any, seed: Any, mode: Any, window_stride: Any) -
         raise UserError(f"window stride must be an integer >= 1, got {window_stride!r}")
 
 
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'WxH' (the CLI's --size, the HTTP size parameter) -> (W, H)."""
+    if text is None:
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size must look like 512x256 (width x height), got {text[:40]!r}") from None
+    if width < 1 or height < 1:
+        raise UserError(f"--size must be positive, got {text[:40]!r}")
+    return width, height
+
+
 def check_max_pixels(max_pixels: Any) -> int:
     if not is_int(max_pixels) or max_pixels < 1:
         raise UserError(f"max-pixels must be an integer >= 1, got {max_pixels!r}")
