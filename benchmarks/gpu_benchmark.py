@@ -22,11 +22,6 @@ from pathlib import Path
 import numpy as np
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    width, height = (int(v) for v in text.lower().split("x"))
-    return width, height
-
-
 def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -42,16 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--size", type=parse_size, default=None, help="WxH pixels (default: one sampling window)")
+    parser.add_argument("--size", default=None, help="WxH pixels (default: one sampling window)")
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--images", type=int, default=2, help="generations timed for images/s")
     parser.add_argument("--cuda-graph", action="store_true", help="replay the decode step as a CUDA graph")
     args = parser.parse_args(argv)
 
+    from taming_deploy.errors import UserError
+    from taming_deploy.validation import parse_size
+
+    try:
+        size = parse_size(args.size)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     from taming_deploy.engines import cuda
     from taming_deploy.engines.roofline import decode_step_bound, embedding_weight_count, peak_bandwidth, streamed_weight_count
     from taming_deploy.engines.runtime import load_trt_backend
-    from taming_deploy.errors import UserError
     from taming_deploy.sampler import sample_tokens
     from taming_deploy.sampling import SamplingOptions, TokenStream
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec, b, rng = backend.spec, args.batch, np.random.default_rng(0)
     f = spec.downsample_factor
-    width, height = args.size or (spec.window[1] * f, spec.window[0] * f)
+    width, height = size or (spec.window[1] * f, spec.window[0] * f)
     h, w = height // f, width // f
     cond = spec.condition
     print(f"{gpu.name} (sm_{gpu.compute_capability[0]}{gpu.compute_capability[1]}, {gpu.total_memory / 2**30:.0f} GiB), "
