@@ -15,9 +15,11 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -33,6 +35,7 @@ from taming_deploy.images import grid
 from taming_deploy.pipeline import Generation, GenerationRequest, Pipeline
 
 APPLICATION = "taming-deploy"
+log = logging.getLogger("ray.serve")  # a replica's log file under the Ray session's logs/serve/
 
 
 @dataclass(frozen=True)
@@ -75,23 +78,30 @@ class GenerationService:
                      "limits": asdict(config.limits), "max_batch": config.max_batch}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batched(self, requests: list[GenerationRequest]) -> list[Generation | Exception]:
-        return await asyncio.to_thread(self.run_batch, requests)
+    async def generate_batched(self, jobs: list[tuple[GenerationRequest, str]]) -> list[Response]:
+        return await asyncio.to_thread(self.run_batch, jobs)
 
-    def run_batch(self, requests: list[GenerationRequest]) -> list[Generation | Exception]:
-        """One generate_batch call; if a request in it is bad, each runs alone so only that one fails."""
+    def run_batch(self, jobs: list[tuple[GenerationRequest, str]]) -> list[Response]:
+        """One generate_batch call, its responses encoded here too: every caller of the batch gets its
+        reply at the same moment (so their next requests arrive together and form the next batch), and
+        the event loop stays free. If a request in the batch is bad, each runs alone so only that one fails."""
+        started = time.perf_counter()
+        requests = [request for request, _ in jobs]
         try:
-            return list(self.pipeline.generate_batch(requests))
+            results: list[Generation | Exception] = list(self.pipeline.generate_batch(requests))
         except Exception as exc:  # noqa: BLE001 - returned to the caller as its HTTP error
-            if len(requests) == 1:
-                return [exc]
-        results: list[Generation | Exception] = []
-        for request in requests:
-            try:
-                results.append(self.pipeline.generate_batch([request])[0])
-            except Exception as exc:  # noqa: BLE001
-                results.append(exc)
-        return results
+            results = [exc] if len(requests) == 1 else [self.alone(request) for request in requests]
+        responses = [error_response(result) if isinstance(result, Exception) else generation_response(result, output)
+                     for result, (_, output) in zip(results, jobs)]
+        log.info("batch of %d requests (%d images) answered in %.3f s", len(jobs),
+                 sum(request.n for request in requests), time.perf_counter() - started)
+        return responses
+
+    def alone(self, request: GenerationRequest) -> Generation | Exception:
+        try:
+            return self.pipeline.generate_batch([request])[0]
+        except Exception as exc:  # noqa: BLE001
+            return exc
 
     async def __call__(self, http: Request) -> Response:
         route = http.url.path.rstrip("/") or "/"
@@ -103,14 +113,11 @@ class GenerationService:
             return JSONResponse({"error": f"no route {http.method} {route[:80]}; try POST /generate, GET /info"},
                                 status_code=404)
         try:
-            request, output = generation_request(dict(http.query_params), await http.body(),
-                                                 http.headers.get("content-type"), self.limits)
+            job = generation_request(dict(http.query_params), await http.body(), http.headers.get("content-type"),
+                                     self.limits)
         except UserError as exc:
             return error_response(exc)
-        result = await self.generate_batched(request)
-        if isinstance(result, Exception):
-            return error_response(result)
-        return generation_response(result, output)
+        return await self.generate_batched(job)
 
 
 def serve_forever(config: ServiceConfig, host: str, port: int, replicas: int, address: str | None,
@@ -125,7 +132,9 @@ def serve_forever(config: ServiceConfig, host: str, port: int, replicas: int, ad
         raise UserError(f"cannot join the Ray cluster at {address}: {str(exc)[:200]}") from None
     try:
         serve.start(http_options=HTTPOptions(host=host, port=port, request_timeout_s=request_timeout_s))
-        deployment = GenerationService.options(num_replicas=replicas,
+        # Ray Serve sends a replica at most max_ongoing_requests at once (5 by default): room for a full
+        # batch being sampled and the next one forming behind it
+        deployment = GenerationService.options(num_replicas=replicas, max_ongoing_requests=2 * config.max_batch,
                                                ray_actor_options={"num_cpus": cpus_per_replica})
         serve.run(deployment.bind(config), name=APPLICATION, route_prefix="/", blocking=False)
         echo(f"serving {json.dumps(config.model or 'the embedded model')} on http://{host}:{port} "
