@@ -2,14 +2,18 @@
 
 For each server setting (batching off: --max-batch 1; on: --max-batch 8) and each concurrency C, C
 client threads send requests back to back until `--requests` have been answered; the table gives
-images/s and p50/p95 latency. The baseline, in the same run: one in-process Pipeline, calling
+images/s, p50/p95 latency, the mean batch the requests were sampled in (from the replies' stats) and
+the replica's CPU seconds per image. The baseline, in the same run: one in-process Pipeline, calling
 `generate` once per request (what a service without batching does) and `generate_batch` on 8 requests.
-Every request is a different label map with its own seed, at `--size` pixels.
+A second table splits an image's time into its stages, alone and in a batch of 8. Every request is a
+different label map with its own seed, at `--size` pixels; replies are asked for as JSON (the same
+PNG encoding, plus base64) so that they carry their stats.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +25,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import print_table  # noqa: E402
 
-from taming_deploy.pipeline import GenerationRequest, Pipeline  # noqa: E402
+from taming_deploy.pipeline import Generation, GenerationRequest, Pipeline  # noqa: E402
+from taming_deploy.serving import png_bytes  # noqa: E402
 from taming_deploy.service_client import ServerProcess, call, generate_url  # noqa: E402
 
 
@@ -38,24 +43,47 @@ def png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a local process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_server(base: str, maps: list[np.ndarray], concurrency: int) -> tuple[float, list[float]]:
-    """(images/s, latencies) for len(maps) requests sent by `concurrency` threads."""
-    def one(k: int) -> float:
+def stage_row(label: str, generations: list[Generation]) -> list[str]:
+    """Milliseconds per image in each stage; a run's sampling and decoding are shared by its batch."""
+    images = sum(len(g.images) for g in generations)
+    share = [g.stats["n"] / g.stats["batch"] for g in generations]  # of its run
+    started = time.perf_counter()
+    for generation in generations:
+        for image in generation.images:
+            png_bytes(image)
+    stages = [sum(g.stats["condition_seconds"] for g in generations),
+              sum(g.stats["sample_seconds"] * k for g, k in zip(generations, share)),
+              sum(g.stats["decode_seconds"] * k for g, k in zip(generations, share)),
+              time.perf_counter() - started]
+    return [label, *(f"{1000 * seconds / images:.0f}" for seconds in stages), f"{1000 * sum(stages) / images:.0f}"]
+
+
+def measure_server(base: str, maps: list[np.ndarray], concurrency: int) -> tuple[float, list[float], float, float]:
+    """(images/s, latencies, mean batch, replica CPU s per image) for len(maps) requests sent by
+    ``concurrency`` threads."""
+    def one(k: int) -> tuple[float, int]:
         started = time.perf_counter()
-        reply = call(generate_url(base, seed=k), png(maps[k]), timeout=600)
+        reply = call(generate_url(base, seed=k, format="json"), png(maps[k]), timeout=600)
         if reply.status != 200:
             raise RuntimeError(f"request {k}: HTTP {reply.status}: {reply.body[:200]!r}")
-        return time.perf_counter() - started
+        return time.perf_counter() - started, reply.json()["stats"]["batch"]
 
     one(0)  # warm-up: the replica's first call pays for session start-up
+    replica = call(base + "/health").json()["pid"]
+    cpu = process_cpu_seconds(replica)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies = list(pool.map(one, range(len(maps))))
-    return len(maps) / (time.perf_counter() - started), latencies
+        answers = list(pool.map(one, range(len(maps))))
+    seconds = time.perf_counter() - started
+    cpu = process_cpu_seconds(replica) - cpu
+    return (len(maps) / seconds, [latency for latency, _ in answers], float(np.mean([b for _, b in answers])),
+            cpu / len(maps))
 
 
 def main() -> None:
@@ -67,35 +95,42 @@ def main() -> None:
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    load_before = os.getloadavg()
 
     pipeline = Pipeline.load(None, "ort")
     maps = [label_map(k, (width, height), pipeline.spec.condition.n_labels or 1) for k in range(args.requests)]
     rows = []
     pipeline.generate(maps[0], seed=0)  # warm-up
-    started = time.perf_counter()
-    for k, cond in enumerate(maps):
-        pipeline.generate(cond, seed=k)
-    seconds = time.perf_counter() - started
-    rows.append(["in-process Pipeline.generate, one at a time", "1", f"{len(maps) / seconds:.2f}", f"{seconds / len(maps):.2f}", ""])
+    started, cpu = time.perf_counter(), time.process_time()
+    alone = [pipeline.generate(cond, seed=k) for k, cond in enumerate(maps)]
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    rows.append(["in-process Pipeline.generate, one at a time", "1", f"{len(maps) / seconds:.2f}",
+                 f"{seconds / len(maps):.2f}", "", "1", f"{cpu / len(maps):.2f}"])
     batch = [GenerationRequest(cond, seed=k) for k, cond in enumerate(maps[: args.max_batch])]
-    started = time.perf_counter()
-    pipeline.generate_batch(batch)
-    seconds = time.perf_counter() - started
-    rows.append([f"in-process Pipeline.generate_batch of {len(batch)}", "-", f"{len(batch) / seconds:.2f}", f"{seconds:.2f}", ""])
+    started, cpu = time.perf_counter(), time.process_time()
+    together = pipeline.generate_batch(batch)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    rows.append([f"in-process Pipeline.generate_batch of {len(batch)}", "-", f"{len(batch) / seconds:.2f}",
+                 f"{seconds:.2f}", "", str(len(batch)), f"{cpu / len(batch):.2f}"])
+    stages = [stage_row("alone (generate)", alone), stage_row(f"batch of {len(batch)} (generate_batch)", together)]
     del pipeline
 
     for label, max_batch in (("serve, batching off", 1), (f"serve, batching on (max {args.max_batch})", args.max_batch)):
         with ServerProcess(None, ["--backend", "ort", "--max-batch", str(max_batch), "--batch-wait-ms", "20"]) as base:
             for concurrency in concurrencies:
-                rate, latencies = measure_server(base, maps, concurrency)
-                rows.append([label, str(concurrency), f"{rate:.2f}", f"{percentile(latencies, 50):.2f}",
-                             f"{percentile(latencies, 95):.2f}"])
-    print(f"embedded model, {width}x{height} px, {args.requests} requests per row, ONNX Runtime")
-    print_table(rows, ["", "concurrency", "images/s", "p50 s", "p95 s"])
+                rate, latencies, mean_batch, cpu = measure_server(base, maps, concurrency)
+                rows.append([label, str(concurrency), f"{rate:.2f}", f"{np.percentile(latencies, 50):.2f}",
+                             f"{np.percentile(latencies, 95):.2f}", f"{mean_batch:.1f}", f"{cpu:.2f}"])
+    load_after = os.getloadavg()
+    print(f"embedded model, {width}x{height} px, {args.requests} requests per row, ONNX Runtime, {os.cpu_count()} CPUs; "
+          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    print_table(rows, ["", "concurrency", "images/s", "p50 s", "p95 s", "mean batch", "CPU s/image"])
+    print("\nper image, ms (in-process; a run's sampling and decoding divided by its images)")
+    print_table(stages, ["", "condition", "sampling", "decode", "PNG encode", "total"])
     off = {r[1]: float(r[2]) for r in rows if r[0] == "serve, batching off"}
     on = {r[1]: float(r[2]) for r in rows if r[0].startswith("serve, batching on")}
     top = str(max(concurrencies))
-    print(f"batching at concurrency {top}: {on[top] / off[top]:.2f}x the images/s of batching off")
+    print(f"\nbatching at concurrency {top}: {on[top] / off[top]:.2f}x the images/s of batching off")
 
 
 if __name__ == "__main__":

@@ -420,9 +420,9 @@ def serve(
         raise UserError("--batch-wait-ms and --cpus-per-replica must be >= 0 and --timeout-s > 0")
     Pipeline.load(model, backend)  # type: ignore[arg-type]  # a bad model fails here, in one line, before Ray starts
     config = ServiceConfig(model=None if model is None else str(model.resolve()), backend=backend,
-                           limits=ServiceLimits(max_pixels=max_pixels, max_n=max_n), max_batch=max_batch,
+                           limits=ServiceLimits(max_pixels=max_pixels, max_n=max_n, timeout_s=timeout_s), max_batch=max_batch,
                            batch_wait_s=batch_wait_ms / 1000)
-    serve_forever(config, host, port, replicas, address, timeout_s, cpus_per_replica, echo=lambda line: typer.echo(line, err=True))
+    serve_forever(config, host, port, replicas, address, cpus_per_replica, echo=lambda line: typer.echo(line, err=True))
 
 
 def main() -> None:

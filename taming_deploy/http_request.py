@@ -29,6 +29,7 @@ class ServiceLimits:
     max_pixels: int = 1024 * 1024  # output pixels per request, all n images together
     max_n: int = 8
     max_body_bytes: int = 16 << 20  # a condition PNG
+    timeout_s: float = 600.0  # from arrival at a replica to the reply, queueing for a batch included
 
 
 class RequestTooLarge(UserError):

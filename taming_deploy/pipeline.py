@@ -154,10 +154,12 @@ class Pipeline:
         return options
 
     def prepare(self, request: GenerationRequest, options: SamplingOptions, max_pixels: int) -> "PreparedRequest":
+        started = time.perf_counter()
         cond_tokens, latent = self.condition_tokens(request.cond, request.size, max_pixels)
         check_generation_size(self.spec, request.n, latent, max_pixels)
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
-        return PreparedRequest(request, options, np.repeat(cond_tokens, request.n, axis=0), latent, seed)
+        return PreparedRequest(request, options, np.repeat(cond_tokens, request.n, axis=0), latent, seed,
+                               time.perf_counter() - started)
 
     def sample_group(self, group: list["PreparedRequest"], on_token: Callable[[int, int], None] | None) -> list[Generation]:
         """One sampler run and one decode for requests that share a batch key."""
@@ -189,8 +191,9 @@ class Pipeline:
                     "steps": stats.steps,
                     "transformer_calls": stats.transformer_calls,
                     "fed_tokens": stats.fed_tokens,
-                    "sample_seconds": stats.sample_seconds,
-                    "decode_seconds": decode_seconds,
+                    "condition_seconds": p.condition_seconds,  # this request's condition, read and encoded
+                    "sample_seconds": stats.sample_seconds,  # the run's, shared by its batch
+                    "decode_seconds": decode_seconds,  # the run's
                 },
             ))
             start += n
@@ -220,6 +223,7 @@ class PreparedRequest:
     cond_tokens: np.ndarray  # (n, ...) the condition's tokens, one row per image
     latent: tuple[int, int]
     seed: int  # the request's seed, drawn when it had none
+    condition_seconds: float  # reading and encoding its condition
 
     @property
     def batch_key(self) -> tuple:

@@ -15,9 +15,11 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -33,6 +35,8 @@ from taming_deploy.images import grid
 from taming_deploy.pipeline import Generation, GenerationRequest, Pipeline
 
 APPLICATION = "taming-deploy"
+PROXY_GRACE_S = 5.0  # the proxy's timeout is the replicas' plus this
+log = logging.getLogger("ray.serve")  # a replica's log file under the Ray session's logs/serve/
 
 
 @dataclass(frozen=True)
@@ -75,23 +79,30 @@ class GenerationService:
                      "limits": asdict(config.limits), "max_batch": config.max_batch}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batched(self, requests: list[GenerationRequest]) -> list[Generation | Exception]:
-        return await asyncio.to_thread(self.run_batch, requests)
+    async def generate_batched(self, jobs: list[tuple[GenerationRequest, str]]) -> list[Response]:
+        return await asyncio.to_thread(self.run_batch, jobs)
 
-    def run_batch(self, requests: list[GenerationRequest]) -> list[Generation | Exception]:
-        """One generate_batch call; if a request in it is bad, each runs alone so only that one fails."""
+    def run_batch(self, jobs: list[tuple[GenerationRequest, str]]) -> list[Response]:
+        """One generate_batch call, its responses encoded here too: every caller of the batch gets its
+        reply at the same moment (so their next requests arrive together and form the next batch), and
+        the event loop stays free. If a request in the batch is bad, each runs alone so only that one fails."""
+        started = time.perf_counter()
+        requests = [request for request, _ in jobs]
         try:
-            return list(self.pipeline.generate_batch(requests))
+            results: list[Generation | Exception] = list(self.pipeline.generate_batch(requests))
         except Exception as exc:  # noqa: BLE001 - returned to the caller as its HTTP error
-            if len(requests) == 1:
-                return [exc]
-        results: list[Generation | Exception] = []
-        for request in requests:
-            try:
-                results.append(self.pipeline.generate_batch([request])[0])
-            except Exception as exc:  # noqa: BLE001
-                results.append(exc)
-        return results
+            results = [exc] if len(requests) == 1 else [self.alone(request) for request in requests]
+        responses = [error_response(result) if isinstance(result, Exception) else generation_response(result, output)
+                     for result, (_, output) in zip(results, jobs)]
+        log.info("batch of %d requests (%d images) answered in %.3f s", len(jobs),
+                 sum(request.n for request in requests), time.perf_counter() - started)
+        return responses
+
+    def alone(self, request: GenerationRequest) -> Generation | Exception:
+        try:
+            return self.pipeline.generate_batch([request])[0]
+        except Exception as exc:  # noqa: BLE001
+            return exc
 
     async def __call__(self, http: Request) -> Response:
         route = http.url.path.rstrip("/") or "/"
@@ -103,30 +114,50 @@ class GenerationService:
             return JSONResponse({"error": f"no route {http.method} {route[:80]}; try POST /generate, GET /info"},
                                 status_code=404)
         try:
-            request, output = generation_request(dict(http.query_params), await http.body(),
-                                                 http.headers.get("content-type"), self.limits)
+            job = generation_request(dict(http.query_params), await http.body(), http.headers.get("content-type"),
+                                     self.limits)
         except UserError as exc:
             return error_response(exc)
-        result = await self.generate_batched(request)
-        if isinstance(result, Exception):
-            return error_response(result)
-        return generation_response(result, output)
+        try:
+            return await asyncio.wait_for(self.generate_batched(job), self.limits.timeout_s)
+        except asyncio.TimeoutError:  # still queued: dropped from its batch; already sampling: its result is discarded
+            return JSONResponse({"error": f"no reply within this service's request timeout of "
+                                          f"{self.limits.timeout_s:g} s (--timeout-s)"}, status_code=504)
+
+
+def check_http_address(host: str, port: int) -> None:
+    """On a cluster where Serve already runs, its HTTP proxies keep their address (Ray Serve ignores new
+    HTTP options with a warning): refuse rather than announce an address nobody listens on."""
+    running = serve.context._get_global_client().http_config  # no public API tells the proxies' address
+    if (running.host, running.port) != (host, port):
+        raise UserError(f"Ray Serve already runs on this cluster with HTTP on {running.host}:{running.port}; "
+                        f"pass --host {running.host} --port {running.port} to add this application there")
 
 
 def serve_forever(config: ServiceConfig, host: str, port: int, replicas: int, address: str | None,
-                  request_timeout_s: float, cpus_per_replica: float, echo: Callable[[str], None]) -> None:
-    """Start (or join, with ``address``) Ray, deploy ``replicas`` replicas, and serve until SIGINT/SIGTERM."""
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+                  cpus_per_replica: float, echo: Callable[[str], None]) -> None:
+    """Start (or join, with ``address``) Ray, deploy ``replicas`` replicas, and serve until SIGINT/SIGTERM.
+
+    The request timeout is the replicas' (a JSON reply); the proxy's own, a little longer, is only a
+    backstop for a replica that never answers, and one that a client's x-request-timeout-seconds
+    header can change."""
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(exc)[:200]}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose own SIGTERM handler aborts the process
+        signal.signal(signum, lambda *_: stop.set())
+    deployed = False
     try:
-        serve.start(http_options=HTTPOptions(host=host, port=port, request_timeout_s=request_timeout_s))
-        deployment = GenerationService.options(num_replicas=replicas,
+        serve.start(http_options=HTTPOptions(host=host, port=port,
+                                             request_timeout_s=config.limits.timeout_s + PROXY_GRACE_S))
+        check_http_address(host, port)
+        # Ray Serve sends a replica at most max_ongoing_requests at once (5 by default): room for a full
+        # batch being sampled and the next one forming behind it
+        deployment = GenerationService.options(num_replicas=replicas, max_ongoing_requests=2 * config.max_batch,
                                                ray_actor_options={"num_cpus": cpus_per_replica})
+        deployed = True
         serve.run(deployment.bind(config), name=APPLICATION, route_prefix="/", blocking=False)
         echo(f"serving {json.dumps(config.model or 'the embedded model')} on http://{host}:{port} "
              f"({replicas} replica{'s' * (replicas != 1)}, batches of up to {config.max_batch}); Ctrl-C stops")
@@ -135,5 +166,5 @@ def serve_forever(config: ServiceConfig, host: str, port: int, replicas: int, ad
         if address is None:  # our own one-node Ray: take it down whole
             serve.shutdown()
             ray.shutdown()
-        else:  # a shared cluster: remove only this application
+        elif deployed:  # a shared cluster: remove only this application (Serve itself keeps running)
             serve.delete(APPLICATION)
