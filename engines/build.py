@@ -108,6 +108,8 @@ class _Builder:
         return config
 
     def build(self, graph_path: Path, profiles: list[Profile]) -> bytes:
+        """parse_from_file, not parse(bytes): only the file's path lets the parser find the graph's
+        external-data file (TensorRT resolves its location relative to the model path)."""
         trt = self.trt
         network = self.builder.create_network(network_flags(trt))
         parser = trt.OnnxParser(network, self.logger)
@@ -146,12 +148,13 @@ def parser_input(bundle: Bundle, name: str, precision: str, scratch: Path, log: 
         import onnx
 
         from taming_deploy.engines.dequantize import fold_weight_dequantization
+        from taming_deploy.export.graph_files import save_graph
     except ImportError:
         raise UserError(f"{bundle.path}: its graphs store weights as int8; building engines from them needs the "
                         "onnx package to turn them into fp32 weights: pip install 'taming-deploy[gpu]'") from None
     model, folded = fold_weight_dequantization(onnx.load(str(path)))
     target = scratch / graph.file
-    onnx.save(model, str(target))
+    save_graph(model, target)  # fp32 weights are 4x the int8 ones: past the threshold they go to external data
     log(f"{graph.file}: {folded} int8 weights dequantized to fp32 for TensorRT")
     return target
 

@@ -37,7 +37,7 @@ from taming_deploy.export.validate import (
     transformed_bundle,
 )
 from taming_deploy.backends.ort_backend import OrtBackend
-from taming_deploy.export.graph_files import graph_entry, write_manifest
+from taming_deploy.export.graph_files import graph_entry, save_graph, write_manifest
 from taming_deploy.bundle import BUNDLE_VERSION, GraphFile, Manifest
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import atomic_directory, check_replaceable
@@ -55,7 +55,7 @@ def structural_checks(path: Path, graph: str, precision: str) -> list[Check]:
         problems = 0
     except onnx.checker.ValidationError:
         problems = 1
-    unsupported = unsupported_ops(onnx.load(str(path)))
+    unsupported = unsupported_ops(onnx.load(str(path), load_external_data=False))  # ops only: the weights stay on disk
     return [
         Check(graph, precision, "onnx.checker errors", problems, 0, False),
         Check(graph, precision, "ops TensorRT's ONNX parser lacks" + (f" ({', '.join(unsupported)})" if unsupported else ""), len(unsupported), 0, False),
@@ -131,7 +131,10 @@ def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]
     checks = [row for name, entry in entries.items() for row in structural_checks(staging / entry.file, name, "int8 weights")]
     checks += list(check_variant(model, ort32, stored, "int8 weights", INT8_WEIGHT_LIMITS, calib, runs, VALIDATION_STEPS))
     for name, entry in entries.items():
-        (staging / entry.file).replace(bundle_dir / entry.file)
+        for stale in {d.file for d in graphs[name]["fp32"].data} - {d.file for d in entry.data}:
+            (bundle_dir / stale).unlink()  # the fp32 weights' data file, which the int8 copy no longer needs
+        for moved in [entry.file, *(d.file for d in entry.data)]:
+            (staging / moved).replace(bundle_dir / moved)
         graphs[name]["fp32"] = entry
     (staging / BUNDLE_MANIFEST).unlink()
     staging.rmdir()
@@ -174,7 +177,7 @@ def export_bundle(
             if fp16:
                 mixed, report = mixed_precision_graph(g.name, exported, feeds[g.name], echo)
                 path16 = tmp / f"{g.name}.fp16.onnx"
-                onnx.save_model(mixed, str(path16))
+                save_graph(mixed, path16)
                 graphs[g.name]["fp16"] = graph_entry(path16, "fp16")
                 checks += structural_checks(path16, g.name, "fp16")
                 fp16_report[g.name] = report.to_dict()

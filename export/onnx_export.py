@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from taming_deploy.export.graph_files import save_graph
 from taming_deploy.export.graphs import GraphDef
 
 OPSET = 21
@@ -98,5 +99,5 @@ def export_graph(graph: GraphDef, path: Path) -> onnx.ModelProto:
     model.producer_name = "taming-deploy"
     name_axes(model, graph.axis_names)
     strip_exporter_metadata(model)
-    onnx.save_model(model, str(path))
+    save_graph(model, path)
     return model

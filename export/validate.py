@@ -18,7 +18,7 @@ import torch
 from taming_deploy.export.calibration import CalibrationSet, token_sequences
 from taming_deploy.export.fp16 import fp16_storage_emulation
 from taming_deploy.export.index_agreement import Float64Reference, IndexLimits
-from taming_deploy.export.graph_files import graph_entry, write_manifest
+from taming_deploy.export.graph_files import graph_entry, save_graph, write_manifest
 from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.bundle import Bundle, Manifest
 from taming_deploy.training.models.net2net import TamingModel
@@ -193,7 +193,7 @@ def transformed_bundle(bundle_dir: Path, precision: str, transform: Callable[[on
     for name, by_precision in manifest.graphs.items():
         source = Path(bundle_dir) / by_precision[precision].file
         target = Path(workdir) / source.name
-        onnx.save_model(transform(onnx.load(str(source))), str(target))
+        save_graph(transform(onnx.load(str(source))), target)
         graphs[name] = {precision: graph_entry(target, precision, weight_storage)}
     write_manifest(workdir, Manifest(model=manifest.model, graphs=graphs, producer=manifest.producer))
     return OrtBackend(workdir, precision)

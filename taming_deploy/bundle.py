@@ -5,16 +5,20 @@ Layout (format version 2; version 1 bundles had a transformer graph that returne
     encoder.onnx, decoder.onnx, [cond_encoder.onnx], transformer.onnx          fp32
     encoder.fp16.onnx, decoder.fp16.onnx, [cond_encoder.fp16.onnx], transformer.fp16.onnx
     engines/ (optional, TensorRT engines built on the target machine)
-Every graph file is checked against its sha256 before it is used, so a tampered or half-copied
-bundle fails with a message naming the file instead of computing garbage.
+    NAME.onnx.data beside a graph over the external-data threshold (export/graph_files.py): its weights,
+    as ONNX external data; the manifest lists and hashes it with its graph
+Every graph file and external-data file is checked against its sha256 before it is used, so a tampered
+or half-copied bundle fails with a message naming the file instead of computing garbage; a graph whose
+tensors name a data file the manifest does not list for it (``../../etc/passwd``) is refused.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from taming_deploy.errors import UserError
 from taming_deploy.documents import Doc, item_int, read_json, shown
+from taming_deploy.external_data import MalformedGraph, external_data_locations
 from taming_deploy.fileutil import check_relative_name, contained_path, sha256_file
 from taming_deploy.model_paths import BUNDLE_MANIFEST
 from taming_deploy.spec import ModelSpec
@@ -43,6 +47,28 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    """An external-data file of a graph: the ``location`` its tensors name, relative to the bundle."""
+
+    file: str
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, doc: Doc) -> "DataFile":
+        return cls(check_relative_name(doc.str("file"), f"{doc.source}: {doc.field('file')}"), checked_sha256(doc))
+
+
+def checked_sha256(doc: Doc) -> str:
+    sha256 = doc.str("sha256")
+    if len(sha256) != 64 or sha256.strip("0123456789abcdef"):
+        raise doc.fail("sha256", "64 lowercase hex digits", sha256)
+    return sha256
+
+
+@dataclass(frozen=True)
 class GraphFile:
     file: str
     sha256: str
@@ -50,6 +76,7 @@ class GraphFile:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     weight_storage: str = "float"  # "int8": large weights stored as int8 + scales (export --int8-weights)
+    data: tuple[DataFile, ...] = ()  # external-data files its tensors name (graphs over the threshold)
 
     def to_dict(self) -> dict:
         return {
@@ -59,22 +86,22 @@ class GraphFile:
             "weight_storage": self.weight_storage,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
+            **({"data": [d.to_dict() for d in self.data]} if self.data else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict | Doc) -> "GraphFile":
         doc = d if isinstance(d, Doc) else Doc(d, "graph entry")
-        sha256 = doc.str("sha256")
-        if len(sha256) != 64 or sha256.strip("0123456789abcdef"):
-            raise doc.fail("sha256", "64 lowercase hex digits", sha256)
         tensors = lambda t, where: TensorSpec.from_dict(Doc(t, doc.source, where))  # noqa: E731
+        data_file = lambda d, where: DataFile.from_dict(Doc(d, doc.source, where))  # noqa: E731
         return cls(
             file=check_relative_name(doc.str("file"), f"{doc.source}: {doc.field('file')}"),
-            sha256=sha256,
+            sha256=checked_sha256(doc),
             precision=doc.str("precision", PRECISIONS),
             inputs=tuple(doc.list("inputs", tensors, max_items=1024)),
             outputs=tuple(doc.list("outputs", tensors, max_items=1024)),
             weight_storage=doc.str("weight_storage", ("float", "int8"), default="float"),
+            data=tuple(doc.list("data", data_file, max_items=16, default=[])),
         )
 
 
@@ -154,7 +181,7 @@ class Bundle:
         if not manifest_path.is_file():
             raise UserError(f"{self.path}: not a bundle (no {BUNDLE_MANIFEST}); create one with `taming-deploy export`")
         self.manifest = Manifest.from_dict(read_json(manifest_path, "bundle manifest"), str(manifest_path))
-        self._verified: set[str] = set()
+        self._verified: set[str | tuple[str, str]] = set()
 
     @property
     def spec(self) -> ModelSpec:
@@ -170,20 +197,43 @@ class Bundle:
         return self.manifest.graphs[name][precision]
 
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
-        """The verified path of a graph file."""
+        """The verified path of a graph file (its external-data files verified too)."""
         entry = self.graph(name, precision)
-        path = contained_path(self.path, entry.file, str(self.path / BUNDLE_MANIFEST))
-        if entry.file not in self._verified:
-            if not path.is_file():
-                raise UserError(f"{self.path}: {entry.file} is listed in the manifest but missing; export the bundle again")
-            digest = sha256_file(path)
-            if digest != entry.sha256:
-                raise UserError(
-                    f"{self.path}: {entry.file} does not match the manifest (sha256 {digest[:12]}..., expected "
-                    f"{entry.sha256[:12]}...); the file was changed or damaged: export the bundle again"
-                )
-            self._verified.add(entry.file)
+        path = self._verified_file(entry.file, entry.sha256)
+        for data in entry.data:
+            self._verified_file(data.file, data.sha256)
+        if (entry.file, "data") not in self._verified:
+            self._check_data_locations(path, entry)
+            self._verified.add((entry.file, "data"))
         return path
+
+    def _verified_file(self, name: str, sha256: str) -> Path:
+        path = contained_path(self.path, name, str(self.path / BUNDLE_MANIFEST))
+        if name not in self._verified:
+            if not path.is_file():
+                raise UserError(f"{self.path}: {name} is listed in the manifest but missing; export the bundle again")
+            digest = sha256_file(path)
+            if digest != sha256:
+                raise UserError(
+                    f"{self.path}: {name} does not match the manifest (sha256 {digest[:12]}..., expected "
+                    f"{sha256[:12]}...); the file was changed or damaged: export the bundle again"
+                )
+            self._verified.add(name)
+        return path
+
+    def _check_data_locations(self, path: Path, entry: GraphFile) -> None:
+        """The graph's tensors name only the data files the manifest lists for it (and hashed)."""
+        try:
+            locations = external_data_locations(path)
+        except MalformedGraph as exc:
+            raise UserError(f"{path}: not a readable ONNX graph ({exc}); export the bundle again") from None
+        graph_dir = PurePosixPath(entry.file).parent
+        listed = {data.file for data in entry.data}
+        for location in sorted(locations):
+            name = check_relative_name(location, f"{path}: external data location")
+            if str(graph_dir / name) not in listed:
+                raise UserError(f"{path}: its tensors name the external data file {location[:60]!r}, which the manifest "
+                                f"does not list for {entry.file}; refusing to load it")
 
     def verify_all(self) -> None:
         for name, by_precision in self.manifest.graphs.items():
