@@ -153,13 +153,25 @@ def transformer_shapes(spec: ModelSpec, batch: int, tokens: int) -> dict[str, Sh
     return {"tokens": (batch, tokens), **{name: slot_shape(spec, batch) for name in past_names(spec.n_layer)}}
 
 
+def per_entry_positions(graph: GraphFile) -> bool:
+    """Whether a transformer graph takes one position per entry, (batch,), with past inputs whose slot
+    axis is dynamic (the form export/graphs.py writes), rather than one position, (), for the whole
+    batch and past inputs of block_size slots (bundles exported before it): told by the declared
+    shape of ``position``."""
+    return any(t.name == "position" and tuple(t.shape) == ("batch",) for t in graph.inputs)
+
+
 def transformer_io_problem(graph: GraphFile, spec: ModelSpec) -> str | None:
     """Why a transformer graph is not the per-layer-past / new_kv interface this runtime drives
-    (export/graphs.py), or None. The runtime binds the past inputs inside one cache buffer and copies
-    new_kv into it byte for byte, so names, shapes and a shared cache dtype are all checked."""
-    layers, heads, slots, dim = spec.n_layer, spec.n_head, spec.block_size, spec.head_dim
+    (export/graphs.py, either form), or None. The runtime binds the past inputs inside one cache
+    buffer and copies new_kv into it byte for byte, so names, shapes and a shared cache dtype are all
+    checked."""
+    layers, heads, dim = spec.n_layer, spec.n_head, spec.head_dim
     past = past_names(layers)
-    expected_in: dict[str, tuple] = {"tokens": ("batch", "tokens"), "position": (), **{n: ("batch", heads, slots, dim) for n in past}}
+    per_entry = per_entry_positions(graph)
+    slots = "past" if per_entry else spec.block_size
+    expected_in: dict[str, tuple] = {"tokens": ("batch", "tokens"), "position": ("batch",) if per_entry else (),
+                                     **{n: ("batch", heads, slots, dim) for n in past}}
     expected_out: dict[str, tuple] = {"logits": ("batch", spec.vocab_size), "new_kv": (layers, 2, "batch", heads, "tokens", dim)}
     for kind, actual, expected in (("inputs", graph.inputs, expected_in), ("outputs", graph.outputs, expected_out)):
         by_name: dict[str, TensorSpec] = {t.name: t for t in actual}
