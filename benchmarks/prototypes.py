@@ -95,7 +95,7 @@ class BoundOrtBackend(OrtBackend):
             binding.bind_output("new_kv", "cpu")  # T slots: ONNX Runtime allocates
             cache.single_bound = False
         positions = entry_positions(position, tokens.shape[0])
-        cache.position.update_inplace(positions if self.positions_per_entry else positions[0].reshape(()))
+        cache.position.update_inplace(positions if self.positions_per_entry else np.array(positions[0]))
         self.session("transformer").run_with_iobinding(binding)
         new_kv = cache.new_kv if t == 1 else binding.get_outputs()[1].numpy()
         write_new_kv(cache.kv, new_kv, positions)

@@ -301,7 +301,7 @@ class TrtBackend:
             assert cache.zero_slot is not None
             addresses = {**addresses, **{name: cache.zero_slot.ptr for name in past_names(self.spec.n_layer)}}
         cuda.copy_to_device(cache.tokens, tokens, self.stream)
-        cuda.copy_to_device(cache.position, positions if self.positions_per_entry else positions[0].reshape(()), self.stream)
+        cuda.copy_to_device(cache.position, positions if self.positions_per_entry else np.array(positions[0]), self.stream)
         use_graph = self.cuda_graph and count == 1 and not short
         replay = use_graph and cache.graph is not None and self._decode_bound == cache.serial
         if replay:

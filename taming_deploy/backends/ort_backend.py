@@ -131,7 +131,7 @@ class OrtBackend:
                 binding = cache.prefill
             binding.bind_cpu_input("position", positions)
         elif (positions == positions[0]).all():
-            binding.bind_cpu_input("position", positions[0].reshape(()))
+            binding.bind_cpu_input("position", np.array(positions[0]))
         else:
             raise ValueError(f"{self.bundle.path}: this bundle's transformer takes one position for the whole batch; export it again")
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
