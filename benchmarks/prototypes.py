@@ -79,7 +79,7 @@ class BoundOrtBackend(OrtBackend):
         base.binding.bind_ortvalue_input("tokens", tokens)
         base.binding.bind_ortvalue_input("position", position)
         base.binding.bind_ortvalue_output("new_kv", ort.OrtValue.ortvalue_from_numpy(new_kv))
-        return BoundCache(base.kv, base.binding, base.logits, tokens, position, new_kv)
+        return BoundCache(base.kv, base.binding, base.logits, tokens=tokens, position=position, new_kv=new_kv)
 
     def transformer_step(self, tokens: np.ndarray, position: int, cache: BoundCache) -> np.ndarray:
         binding, t = cache.binding, tokens.shape[1]

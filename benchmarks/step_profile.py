@@ -48,6 +48,7 @@ GREEDY = SamplingOptions(greedy=True)
 RUNTIME = "runtime OrtBackend"
 BOUND = "persistent bindings"
 PREFILL = "prefill graph at position 0"
+SHARED = "shared-position form (prefills over the whole empty cache)"
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,7 @@ def variants(model: ModelPaths, threads: int | None, cache_dir: Path) -> list[Va
         Variant(RUNTIME, runtime()),
         Variant(BOUND, lambda: prototypes.BoundOrtBackend(bundle, threads=threads)),
         Variant("runtime, no memory pattern, no arena", runtime(memory_pattern=False, arena=False)),
+        Variant(SHARED, lambda: prototypes.SharedPositionOrtBackend(bundle, threads=threads)),
     ]
     if threads != 1:
         found += [Variant("runtime, spinning off", runtime(spinning=False)), Variant("runtime, 1 thread", runtime(1))]
