@@ -16,7 +16,11 @@ once) and the placement reuse across rows, prototyped here before, are now the r
   graph makes a prefill of T tokens also score, mask (Where), concatenate, softmax and weight the
   S = block size past slots, every one of them masked at position 0.
 
-All three implement the Backend protocol, so the unchanged ``taming_deploy.sampler.sample_tokens`` runs them
+- ``SharedPositionOrtBackend`` / ``SharedPositionTorchBackend``: what bundles exported before the
+  per-entry-position graph cost, run on today's graph: one position per call (so the sampler groups
+  calls by position and length), and prefills read the whole empty cache (block size past slots).
+
+All of them implement the Backend protocol, so the unchanged ``taming_deploy.sampler.sample_tokens`` runs them
 and the results can be compared token for token.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from taming_deploy.backends.ort_backend import OrtBackend, OrtCache, providers, session_options
+from taming_deploy.cache_writes import entry_positions, write_new_kv
 
 
 def tuned_session_options(threads: int | None, spinning: bool = True, memory_pattern: bool = True,
@@ -45,7 +50,7 @@ class BoundCache(OrtCache):
     """The runtime's cache (kv, binding with the past inputs and logits bound) plus preallocated inputs."""
 
     tokens: ort.OrtValue = None  # type: ignore[assignment]  # (N, 1) int64, bound while single tokens are fed
-    position: ort.OrtValue = None  # type: ignore[assignment]  # () int64, always bound
+    position: ort.OrtValue = None  # type: ignore[assignment]  # () or (N,) int64 (the graph's form), always bound
     new_kv: np.ndarray = None  # type: ignore[assignment]  # (L, 2, N, H, 1, D): single-token steps' output
     single_bound: bool = True  # ``tokens`` and ``new_kv`` are the bound ones (else a multi-token call's)
 
@@ -69,12 +74,12 @@ class BoundOrtBackend(OrtBackend):
     def _preallocated(self, base: OrtCache) -> BoundCache:
         spec, batch = self.spec, base.kv.shape[2]
         tokens = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64))
-        position = ort.OrtValue.ortvalue_from_numpy(np.zeros((), np.int64))
+        position = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch,) if self.positions_per_entry else (), np.int64))
         new_kv = np.zeros((spec.n_layer, 2, batch, spec.n_head, 1, spec.head_dim), self.cache_dtype)
         base.binding.bind_ortvalue_input("tokens", tokens)
         base.binding.bind_ortvalue_input("position", position)
         base.binding.bind_ortvalue_output("new_kv", ort.OrtValue.ortvalue_from_numpy(new_kv))
-        return BoundCache(base.kv, base.binding, base.logits, tokens, position, new_kv)
+        return BoundCache(base.kv, base.binding, base.logits, tokens=tokens, position=position, new_kv=new_kv)
 
     def transformer_step(self, tokens: np.ndarray, position: int, cache: BoundCache) -> np.ndarray:
         binding, t = cache.binding, tokens.shape[1]
@@ -89,11 +94,56 @@ class BoundOrtBackend(OrtBackend):
             binding.bind_cpu_input("tokens", tokens)
             binding.bind_output("new_kv", "cpu")  # T slots: ONNX Runtime allocates
             cache.single_bound = False
-        cache.position.update_inplace(np.array(position, dtype=np.int64))
+        positions = entry_positions(position, tokens.shape[0])
+        cache.position.update_inplace(positions if self.positions_per_entry else np.array(positions[0]))
         self.session("transformer").run_with_iobinding(binding)
         new_kv = cache.new_kv if t == 1 else binding.get_outputs()[1].numpy()
-        cache.kv[:, :, :, :, position : position + t] = new_kv
+        write_new_kv(cache.kv, new_kv, positions)
         return cache.logits.copy()
+
+
+class SharedPositionOrtBackend(OrtBackend):
+    """OrtBackend on a per-entry-position bundle, run as the shared-position form ran: the sampler
+    sees one position per call, and prefills are bound to the whole (empty) cache."""
+
+    name = "ort-shared"
+
+    def __init__(self, bundle_dir: Path, **kwargs):
+        super().__init__(bundle_dir, **kwargs)
+        assert self.positions_per_entry, "a bundle of the per-entry-position form"
+        self.positions_per_entry = False  # what the sampler reads
+
+    def transformer_step(self, tokens: np.ndarray, position: int, cache: OrtCache) -> np.ndarray:
+        positions = entry_positions(position, tokens.shape[0])
+        binding = cache.binding
+        binding.bind_cpu_input("position", positions)
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        binding.bind_output("new_kv", "cpu")
+        self.session("transformer").run_with_iobinding(binding)
+        write_new_kv(cache.kv, binding.get_outputs()[1].numpy(), positions)
+        return cache.logits.copy()
+
+
+def shared_position_torch_backend(checkpoint: Path):
+    """The torch backend run as the shared-position form ran (see SharedPositionOrtBackend)."""
+    import torch
+
+    from taming_deploy.backends.torch_backend import TorchBackend
+
+    class SharedPositionTorchBackend(TorchBackend):
+        name = "torch-shared"
+        positions_per_entry = False
+
+        @torch.no_grad()
+        def transformer_step(self, tokens: np.ndarray, position: int, cache: torch.Tensor) -> np.ndarray:
+            gpt = self.model.transformer
+            positions = entry_positions(position, tokens.shape[0])
+            past = [(layer[0], layer[1]) for layer in cache]
+            logits, new_kv = gpt(self._tensor(tokens), past, torch.from_numpy(positions), last_only=True)
+            write_new_kv(cache, new_kv, positions)
+            return logits.float().numpy()
+
+    return SharedPositionTorchBackend.load(checkpoint)
 
 
 def prefill_module(gpt):
@@ -160,7 +210,7 @@ class PrefillGraphOrtBackend(OrtBackend):
         return self._prefill
 
     def transformer_step(self, tokens: np.ndarray, position: int, cache: OrtCache) -> np.ndarray:
-        if position != 0 or tokens.shape[1] < 2:
+        if np.any(position) or tokens.shape[1] < 2:
             return super().transformer_step(tokens, position, cache)
         logits, new_kv = self.prefill_session().run(None, {"tokens": np.ascontiguousarray(tokens, dtype=np.int64)})
         cache.kv[:, :, :, :, : tokens.shape[1]] = new_kv

@@ -1,7 +1,7 @@
 """Token-loop speed: the original loop (full recompute in PyTorch) against the cached sampler.
 
     python benchmarks/sampler_speed.py [--model default|fixture] [--checkpoint DIR] [--bundle DIR]
-        [--sizes 16x16,24x32,32x32,64x40] [--backends torch,ort[,ort-bound,ort-prefill]]
+        [--sizes 16x16,24x32,32x32,64x40] [--backends torch,ort[,torch-shared,ort-shared,ort-bound,ort-prefill]]
         [--modes original,original-cached,exact,fast,exact-raster,fast-raster]
         [--window-stride 8] [--original-full-max 256] [--original-tokens 24] [--threads N] [--clock wall|cpu]
 
@@ -20,7 +20,8 @@ not depend on their values). Modes:
   wavefront order (independent cells' calls batched), which continues a placement's cache across the
   rows of a band; exact-raster, fast-raster: the same calls one cell at a time in raster order.
 Backends: torch and ort (the runtime's); not in the default set, the prototypes of prototypes.py:
-ort-bound (per-step bindings preallocated) and ort-prefill (calls at position 0 run a graph without
+torch-shared and ort-shared (the cost of the shared-position graph form that bundles exported before
+had: calls batched only at equal positions, prefills over the whole empty cache), ort-bound (per-step bindings preallocated) and ort-prefill (calls at position 0 run a graph without
 past inputs; needs a checkpoint).
 Columns: seconds per image of the token loop alone (wall time, or CPU time with --clock cpu);
 tokens/s; speedup against the original's seconds per image at that size; per-cell calls
@@ -41,11 +42,12 @@ import numpy as np
 
 import matmul_peak
 import prototypes
-from benchlib import (Clock, ModelPaths, add_model_arguments, apply_common_arguments, cached_call_flops, call_flops,
+from benchlib import (Clock, attention_flops, ModelPaths, add_model_arguments, apply_common_arguments, cached_call_flops, call_flops,
                       cached_call_masked_flops, full_recompute_flops, full_recompute_masked_flops, note, now,
                       parse_latent, prepare_model, print_table, random_condition_tokens, timed)
 from taming_deploy.backends.base import Backend
 from taming_deploy.backends.ort_backend import OrtBackend
+from taming_deploy.cache_writes import entry_positions
 from taming_deploy.sampler import SampleStats, sample_tokens
 from taming_deploy.sampling import SamplingOptions, TokenStream
 from taming_deploy.spec import ModelSpec
@@ -53,7 +55,7 @@ from taming_deploy.windows import clamp, window_shape
 
 DEFAULT_SIZES = "16x16,24x32,32x32,64x40"
 MODES = ("original", "original-cached", "exact", "fast", "exact-raster", "fast-raster")
-BACKENDS = ("torch", "ort", "ort-bound", "ort-prefill")
+BACKENDS = ("torch", "ort", "torch-shared", "ort-shared", "ort-bound", "ort-prefill")
 GREEDY = SamplingOptions(greedy=True)
 FLOORS = {((16, 16), "exact"): 20.0, ((24, 32), "exact"): 2.0, ((24, 32), "fast"): 8.0}  # ORT vs original
 
@@ -127,6 +129,13 @@ def load_backends(names: list[str], model: ModelPaths, threads: int | None, cach
             backends[name] = TorchBackend.load(model.checkpoint)
         elif name == "ort":
             backends[name] = OrtBackend(model.bundle, threads=threads)
+        elif name == "torch-shared":
+            if model.checkpoint is None:
+                note("no checkpoint: the torch-shared prototype is left out")
+                continue
+            backends[name] = prototypes.shared_position_torch_backend(model.checkpoint)
+        elif name == "ort-shared":
+            backends[name] = prototypes.SharedPositionOrtBackend(model.bundle, threads=threads)
         elif name == "ort-bound":
             backends[name] = prototypes.BoundOrtBackend(model.bundle, threads=threads)
         elif model.checkpoint is None:
@@ -170,6 +179,7 @@ class CountingBackend:
 
     def __init__(self, backend: Backend):
         self.backend, self.name, self.spec = backend, backend.name, backend.spec
+        self.positions_per_entry = getattr(backend, "positions_per_entry", False)
         self.flops = 0
         self.masked_flops = 0
 
@@ -181,12 +191,16 @@ class CountingBackend:
 
     def transformer_step(self, tokens: np.ndarray, position: int, cache) -> np.ndarray:
         t = tokens.shape[1]
-        if self.name == "ort-prefill" and position == 0 and t > 1:  # the prototype's graph without past slots
+        batch, positions = tokens.shape[0], entry_positions(position, tokens.shape[0])
+        if self.name == "ort-prefill" and not positions.any() and t > 1:  # the prototype's graph without past slots
             self.flops += call_flops(self.spec, t, t, 1)
             self.masked_flops += full_recompute_masked_flops(self.spec, t)
+        elif self.positions_per_entry and not positions.any():  # a prefill over a one-slot past
+            self.flops += call_flops(self.spec, t, 1 + t, 1) * batch
+            self.masked_flops += (full_recompute_masked_flops(self.spec, t) + attention_flops(self.spec, t)) * batch
         else:
-            self.flops += cached_call_flops(self.spec, t) * tokens.shape[0]
-            self.masked_flops += cached_call_masked_flops(self.spec, t, position) * tokens.shape[0]
+            self.flops += sum(cached_call_flops(self.spec, t) for _ in range(batch))
+            self.masked_flops += sum(cached_call_masked_flops(self.spec, t, int(p)) for p in positions)
         return self.backend.transformer_step(tokens, position, cache)
 
 
@@ -320,8 +334,9 @@ Transformer FLOPs (multiply-add = 2 FLOPs; d={d}, layers L={L}, cache slots S={S
   per call feeding T tokens = T * 24*L*d^2      (per layer Q, K, V, output projection: 4 d^2 MACs; MLP: 8 d^2)
                             + 4*L*T*K*d         (q.k^T and att.v of T queries over K keys)
                             + 2*R*d*V           (the head on R positions)
-  cached calls (torch, ort; prefills and steps alike): K = S + T = {S} + T (the S past slots, masked from
-    the call's position on, all of them in a prefill, then the T fed tokens, causally), R = 1 (last position)
+  cached steps (torch, ort): K = S + T = {S} + T (the S past slots, masked from each entry's position on,
+    then the T fed tokens, causally), R = 1 (last position); prefills: K = 1 + T (one masked past slot)
+  torch-shared, ort-shared (the shared-position form): prefills too K = S + T
   ort-prefill (prototype): prefills K = T (no past slots), steps as above
   original loop, per token: one call with T = K = R = the window sequence (cond + window - 1 tokens)
   "masked": the share of these FLOPs on (query, key) pairs the mask discards (what a graph attending

@@ -38,6 +38,7 @@ from benchlib import (Clock, ModelPaths, add_model_arguments, apply_common_argum
 from taming_deploy import sampler as sampler_module
 from taming_deploy.backends.base import Backend
 from taming_deploy.backends.ort_backend import OrtBackend
+from taming_deploy.cache_writes import check_fits, entry_positions, write_new_kv
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions, TokenStream, choose_tokens
 from taming_deploy.spec import ModelSpec
@@ -47,6 +48,7 @@ GREEDY = SamplingOptions(greedy=True)
 RUNTIME = "runtime OrtBackend"
 BOUND = "persistent bindings"
 PREFILL = "prefill graph at position 0"
+SHARED = "shared-position form (prefills over the whole empty cache)"
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,16 @@ def instrumented_step(backend: OrtBackend, tokens: np.ndarray, position: int, ca
         clock.append(now())
         parts[part].append(clock[-1] - clock[-2])
 
+    positions = entry_positions(position, tokens.shape[0])
+    check_fits(positions, tokens.shape[1], backend.spec.block_size)
     binding = cache.binding
+    if backend.positions_per_entry and not positions.any():
+        if cache.prefill is None:
+            cache.prefill = backend._binding(np.zeros((*cache.kv.shape[:4], 1, cache.kv.shape[5]), cache.kv.dtype), cache.logits)
+        binding = cache.prefill
+    mark("choose the binding (prefill: one zero past slot)")
+    binding.bind_cpu_input("position", positions if backend.positions_per_entry else np.array(positions[0]))
     binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-    binding.bind_cpu_input("position", np.array(position, dtype=np.int64))
     mark("bind tokens + position (copied in)")
     binding.bind_output("new_kv", "cpu")
     mark("bind new_kv output (allocated by ORT per call)")
@@ -126,7 +135,7 @@ def instrumented_step(backend: OrtBackend, tokens: np.ndarray, position: int, ca
     mark("run_with_iobinding (the graph)")
     new_kv = binding.get_outputs()[1].numpy()
     mark("fetch new_kv (get_outputs, numpy)")
-    cache.kv[:, :, :, :, position : position + tokens.shape[1]] = new_kv
+    write_new_kv(cache.kv, new_kv, positions)
     mark("write new_kv into its cache slots")
     logits = cache.logits.copy()
     mark("copy logits out")
@@ -254,6 +263,7 @@ def variants(model: ModelPaths, threads: int | None, cache_dir: Path) -> list[Va
         Variant(RUNTIME, runtime()),
         Variant(BOUND, lambda: prototypes.BoundOrtBackend(bundle, threads=threads)),
         Variant("runtime, no memory pattern, no arena", runtime(memory_pattern=False, arena=False)),
+        Variant(SHARED, lambda: prototypes.SharedPositionOrtBackend(bundle, threads=threads)),
     ]
     if threads != 1:
         found += [Variant("runtime, spinning off", runtime(spinning=False)), Variant("runtime, 1 thread", runtime(1))]

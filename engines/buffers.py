@@ -34,17 +34,23 @@ def new_kv_bytes(spec: ModelSpec, batch: int, tokens: int, dtype: np.dtype | str
     return tensor_bytes((spec.n_layer, 2, batch, spec.n_head, tokens, spec.head_dim), dtype)
 
 
-def step_buffers(spec: ModelSpec, batch: int, cache_dtype: np.dtype | str, logits_dtype: np.dtype | str) -> dict[str, int]:
+def step_buffers(spec: ModelSpec, batch: int, cache_dtype: np.dtype | str, logits_dtype: np.dtype | str,
+                 per_entry: bool = False) -> dict[str, int]:
     """Device bytes of each allocation a transformer cache owns for ``batch`` sequences: the fed
-    tokens and the new_kv output (both with room for a whole block, the largest prefill), the 0-d
-    position, the last position's logits, and the one cache buffer the steps read and write."""
-    return {
+    tokens and the new_kv output (both with room for a whole block, the largest prefill), the
+    position (0-d, or (batch,) for a per-entry graph), the last position's logits, and the one cache
+    buffer the steps read and write. A per-entry graph's cache also owns one zero slot per sequence,
+    (batch, n_head, 1, head_dim), bound as every past input of a prefill (read only, so shared)."""
+    sizes = {
         "tokens": tensor_bytes((batch, spec.block_size), np.int64),
-        "position": tensor_bytes((), np.int64),
+        "position": tensor_bytes((batch,) if per_entry else (), np.int64),
         "logits": tensor_bytes((batch, spec.vocab_size), logits_dtype),
         "kv": cache_bytes(spec, batch, cache_dtype),
         "new_kv": new_kv_bytes(spec, batch, spec.block_size, cache_dtype),
     }
+    if per_entry:
+        sizes["zero_slot"] = tensor_bytes((batch, spec.n_head, 1, spec.head_dim), cache_dtype)
+    return sizes
 
 
 def past_offsets(spec: ModelSpec, batch: int, dtype: np.dtype | str) -> dict[str, int]:
@@ -120,3 +126,35 @@ def scatter_new_kv_view(spec: ModelSpec, batch: int, tokens: int, position: int,
                src_pitch=whole.src_pitch, width=whole.width, height=rows, src_offset=block * rows * whole.src_pitch)
         for block in range(spec.n_layer * 2)
     ]
+
+
+def scatter_new_kv_entries(spec: ModelSpec, positions: np.ndarray, tokens: int, dtype: np.dtype | str, kv_batch: int,
+                           start: int) -> list[Copy2D]:
+    """The copies that write new_kv of len(positions) sequences, sequence b at slots positions[b]..,
+    into sequences start.. of a cache laid out for ``kv_batch``: scatter_new_kv_view when all
+    positions agree, else, for each run of consecutive sequences at one position, one copy per layer
+    and keys/values (rows: the run's sequences x n_head)."""
+    batch = len(positions)
+    if (positions == positions[0]).all():
+        return scatter_new_kv_view(spec, batch, tokens, int(positions[0]), dtype, kv_batch, start)
+    if start < 0 or start + batch > kv_batch:
+        raise ValueError(f"sequences {start}..{start + batch - 1} are not in a cache of {kv_batch}")
+    row = spec.head_dim * np.dtype(dtype).itemsize
+    sequence = spec.n_head * spec.block_size * row  # one sequence's slots of one layer's keys (values)
+    fed = spec.n_head * tokens * row  # one sequence's part of one new_kv block
+    copies = []
+    first = 0
+    for b in range(1, batch + 1):
+        if b < batch and positions[b] == positions[first]:
+            continue
+        position = int(positions[first])
+        if position < 0 or position + tokens > spec.block_size:
+            raise ValueError(f"positions {position}..{position + tokens - 1} do not fit the block size {spec.block_size}")
+        copies += [
+            Copy2D(dst_offset=block * kv_batch * sequence + (start + first) * sequence + position * row,
+                   dst_pitch=spec.block_size * row, src_pitch=tokens * row, width=tokens * row,
+                   height=(b - first) * spec.n_head, src_offset=block * batch * fed + first * fed)
+            for block in range(spec.n_layer * 2)
+        ]
+        first = b
+    return copies

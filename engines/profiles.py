@@ -3,12 +3,15 @@
 Every dynamic input axis of the four graphs is named in the manifest (see export/graphs.py):
 batch, height/width (pixels), latent_height/latent_width (tokens per side) and tokens (the
 transformer's T). Each name gets a (min, opt, max) range here, so the profile of any graph follows
-from its declared input shapes. The transformer's dynamic inputs are tokens (batch, tokens) and the
-2 x n_layer cache slots past_key_i / past_value_i (batch, n_head, block_size, head_dim), whose only
-dynamic axis is the batch. It gets two profiles, one execution context each:
+from its declared input shapes. The transformer's dynamic inputs are tokens (batch, tokens), position
+(batch,) and the 2 x n_layer cache slots past_key_i / past_value_i (batch, n_head, past, head_dim),
+``past`` being the slots fed: one zero slot for a prefill, the whole block for a continuing call.
+(Bundles exported before have a 0-d position and past slots fixed at block_size; their profiles
+follow from the same declared shapes.) It gets two profiles, one execution context each:
 - prefill: T in 1..block_size, tuned for T = block_size (a prefill feeds the condition plus the
-  window's tokens before the target: most of the block in the reference-equivalent mode);
-- decode: T = 1, the cached step that dominates sampling.
+  window's tokens before the target: most of the block in the reference-equivalent mode), and
+  past in 1..block_size tuned for 1 (a prefill; multi-token continuing calls take the whole block);
+- decode: T = 1, the cached step that dominates sampling; past in 1..block_size tuned for the block.
 Batch ranges over 1..max_batch, tuned for 1 (one image at a time is the common request).
 """
 from __future__ import annotations
@@ -120,9 +123,10 @@ def graph_profiles(name: str, graph: GraphFile, spec: ModelSpec, limits: Limits)
         return Profile(profile_name, {t.name: tensor_range(t.shape, all_axes, f"{graph.file}: {t.name}") for t in dynamic})
 
     if name == "transformer":
+        block = spec.block_size
         return [
-            profile("prefill", {"tokens": (1, spec.block_size, spec.block_size)}),
-            profile("decode", {"tokens": (1, 1, 1)}),
+            profile("prefill", {"tokens": (1, block, block), "past": (1, 1, block)}),
+            profile("decode", {"tokens": (1, 1, 1), "past": (1, block, block)}),
         ]
     return [profile("images", {})]
 
@@ -142,24 +146,40 @@ def past_names(n_layer: int) -> tuple[str, ...]:
     return tuple(f"past_key_{i}" for i in range(n_layer)) + tuple(f"past_value_{i}" for i in range(n_layer))
 
 
-def slot_shape(spec: ModelSpec, batch: int) -> Shape:
-    """One past_key_i / past_value_i input: (batch, n_head, block_size, head_dim)."""
-    return (batch, spec.n_head, spec.block_size, spec.head_dim)
+def slot_shape(spec: ModelSpec, batch: int, slots: int | None = None) -> Shape:
+    """One past_key_i / past_value_i input: (batch, n_head, slots, head_dim), slots the block size unless given."""
+    return (batch, spec.n_head, spec.block_size if slots is None else slots, spec.head_dim)
 
 
-def transformer_shapes(spec: ModelSpec, batch: int, tokens: int) -> dict[str, Shape]:
+def transformer_shapes(spec: ModelSpec, batch: int, tokens: int, per_entry: bool = False, slots: int | None = None) -> dict[str, Shape]:
     """The shapes of every dynamic transformer input for a call feeding ``tokens`` tokens to ``batch``
-    sequences (what ``set_input_shape`` and ``Profile.violation`` take)."""
-    return {"tokens": (batch, tokens), **{name: slot_shape(spec, batch) for name in past_names(spec.n_layer)}}
+    sequences (what ``set_input_shape`` and ``Profile.violation`` take); ``per_entry``: the graph form
+    with a (batch,) position and ``slots`` past slots (1 for a prefill, else the block)."""
+    shapes: dict[str, Shape] = {"tokens": (batch, tokens)}
+    if per_entry:
+        shapes["position"] = (batch,)
+    return {**shapes, **{name: slot_shape(spec, batch, slots) for name in past_names(spec.n_layer)}}
+
+
+def per_entry_positions(graph: GraphFile) -> bool:
+    """Whether a transformer graph takes one position per entry, (batch,), with past inputs whose slot
+    axis is dynamic (the form export/graphs.py writes), rather than one position, (), for the whole
+    batch and past inputs of block_size slots (bundles exported before it): told by the declared
+    shape of ``position``."""
+    return any(t.name == "position" and tuple(t.shape) == ("batch",) for t in graph.inputs)
 
 
 def transformer_io_problem(graph: GraphFile, spec: ModelSpec) -> str | None:
     """Why a transformer graph is not the per-layer-past / new_kv interface this runtime drives
-    (export/graphs.py), or None. The runtime binds the past inputs inside one cache buffer and copies
-    new_kv into it byte for byte, so names, shapes and a shared cache dtype are all checked."""
-    layers, heads, slots, dim = spec.n_layer, spec.n_head, spec.block_size, spec.head_dim
+    (export/graphs.py, either form), or None. The runtime binds the past inputs inside one cache
+    buffer and copies new_kv into it byte for byte, so names, shapes and a shared cache dtype are all
+    checked."""
+    layers, heads, dim = spec.n_layer, spec.n_head, spec.head_dim
     past = past_names(layers)
-    expected_in: dict[str, tuple] = {"tokens": ("batch", "tokens"), "position": (), **{n: ("batch", heads, slots, dim) for n in past}}
+    per_entry = per_entry_positions(graph)
+    slots = "past" if per_entry else spec.block_size
+    expected_in: dict[str, tuple] = {"tokens": ("batch", "tokens"), "position": ("batch",) if per_entry else (),
+                                     **{n: ("batch", heads, slots, dim) for n in past}}
     expected_out: dict[str, tuple] = {"logits": ("batch", spec.vocab_size), "new_kv": (layers, 2, "batch", heads, "tokens", dim)}
     for kind, actual, expected in (("inputs", graph.inputs, expected_in), ("outputs", graph.outputs, expected_out)):
         by_name: dict[str, TensorSpec] = {t.name: t for t in actual}

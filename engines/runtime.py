@@ -14,7 +14,11 @@ the new tokens and the position go up, and only the last position's logits, (bat
 come back. ``cache_view`` gives the sequences start..stop-1 of a cache as a cache of their own (past
 inputs bound inside the same kv buffer, one scatter copy per layer and keys/values,
 engines.buffers.scatter_new_kv_view): the sampler batches independent wavefront calls over one pool
-this way, at most ``max_batch`` (the decode profile's) sequences a call. Sampling stays on the host: it is a few microseconds for one row of logits, and keeping
+this way, at most ``max_batch`` (the decode profile's) sequences a call. With a per-entry-position
+graph (export/graphs.py) each sequence's position goes up, its new_kv lands at its own slots (one
+copy per run of sequences at one position, per layer and keys/values:
+engines.buffers.scatter_new_kv_entries), and a prefill (all positions 0) binds every past input to
+one zero slot per sequence (past = 1) instead of the empty cache. Sampling stays on the host: it is a few microseconds for one row of logits, and keeping
 it in NumPy keeps one sampler (one random number stream, one top-k/top-p code path) shared by all
 backends, so a seed means the same thing everywhere.
 
@@ -42,9 +46,11 @@ from typing import Any
 import numpy as np
 
 from taming_deploy.engines import cuda, deps
-from taming_deploy.engines.buffers import scatter_new_kv_view, step_buffers, view_past_offsets
+from taming_deploy.cache_writes import check_fits, entry_positions
+from taming_deploy.engines.buffers import scatter_new_kv_entries, step_buffers, view_past_offsets
 from taming_deploy.engines.engine_manifest import EngineEntry, Environment, build_command, engines_dir, incompatibility, io_mismatch, read_engine_manifest
-from taming_deploy.engines.profiles import Profile, past_names, transformer_io_problem, transformer_profile_index, transformer_shapes
+from taming_deploy.engines.profiles import (Profile, past_names, per_entry_positions, transformer_io_problem,
+                                            transformer_profile_index, transformer_shapes)
 from taming_deploy.bundle import Bundle
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import contained_path
@@ -74,6 +80,7 @@ class TrtCache:
     logits: cuda.DeviceBuffer
     logits_host: np.ndarray
     dtype: np.dtype  # of the cache and new_kv
+    zero_slot: cuda.DeviceBuffer | None = None  # per-entry graphs: (batch, n_head, 1, head_dim) zeros, a prefill's past
     addresses: dict[str, int] = field(default_factory=dict)  # every transformer tensor -> its device address
     start: int = 0
     kv_batch: int = 0  # 0: batch
@@ -104,7 +111,9 @@ class TrtBackend:
         self.stream = cuda.Stream()
         self._scratch: dict[str, cuda.DeviceBuffer] = {}
         self._decode_bound: int | None = None  # serial of the cache the decode context last ran for normally
+        self.positions_per_entry = False  # the transformer graph's form (engines/profiles.py)
         if self.bundle.has_graph("transformer", self.precision):
+            self.positions_per_entry = per_entry_positions(self.bundle.graph("transformer", self.precision))
             if reason := transformer_io_problem(self.bundle.graph("transformer", self.precision), self.spec):
                 raise UserError(
                     f"{bundle_dir}: {reason}; export the bundle again with this taming-deploy, then rebuild the engines "
@@ -220,14 +229,14 @@ class TrtBackend:
     def _check_batch(self, batch: int) -> None:
         engine = self._engines["transformer"]
         decode = transformer_profile_index(engine.profiles, 1)
-        if reason := engine.profiles[decode].violation(transformer_shapes(self.spec, batch, 1)):
+        if reason := engine.profiles[decode].violation(transformer_shapes(self.spec, batch, 1, self.positions_per_entry)):
             raise UserError(f"the transformer engine cannot take a batch of {batch}: {reason}")
 
     def new_cache(self, batch: int) -> TrtCache:
         """May hold more sequences than one call takes (max_batch): the sampler runs views of it."""
         engine = self._engines["transformer"]
         dtype = engine.dtypes[past_names(self.spec.n_layer)[0]]  # transformer_io_problem: every past input and new_kv
-        sizes = step_buffers(self.spec, batch, dtype, engine.dtypes["logits"])
+        sizes = step_buffers(self.spec, batch, dtype, engine.dtypes["logits"], self.positions_per_entry)
         buffers: dict[str, cuda.DeviceBuffer] = {}
         try:
             for key, nbytes in sizes.items():
@@ -235,6 +244,8 @@ class TrtBackend:
             # Zeros matter: slots past the position are masked out of the softmax, but garbage there
             # (NaN, inf) would still reach the output through 0 * NaN in the attention-weighted sum.
             cuda.fill_zero(buffers["kv"], self.stream)
+            if "zero_slot" in buffers:
+                cuda.fill_zero(buffers["zero_slot"], self.stream)
             self.stream.synchronize()
         except BaseException:  # out of memory half-way: give back what was allocated now, not at collection
             for buffer in buffers.values():
@@ -252,6 +263,7 @@ class TrtBackend:
             logits=buffers["logits"],
             logits_host=np.empty((batch, self.spec.vocab_size), engine.dtypes["logits"]),
             dtype=dtype,
+            zero_slot=buffers.get("zero_slot"),
             addresses=addresses,
         )
 
@@ -268,21 +280,29 @@ class TrtBackend:
         addresses.update({name: cache.kv.ptr + offset for name, offset in offsets.items()})
         logits_host = np.empty((stop - start, self.spec.vocab_size), cache.logits_host.dtype)
         return TrtCache(batch=stop - start, kv=cache.kv, new_kv=cache.new_kv, tokens=cache.tokens, position=cache.position,
-                        logits=cache.logits, logits_host=logits_host, dtype=cache.dtype, addresses=addresses,
-                        start=cache.start + start, kv_batch=kv_batch)
+                        logits=cache.logits, logits_host=logits_host, dtype=cache.dtype, zero_slot=cache.zero_slot,
+                        addresses=addresses, start=cache.start + start, kv_batch=kv_batch)
 
-    def transformer_step(self, tokens: np.ndarray, position: int, cache: TrtCache) -> np.ndarray:
+    def transformer_step(self, tokens: np.ndarray, position: int | np.ndarray, cache: TrtCache) -> np.ndarray:
+        """``position``: one for all sequences, or one per sequence (a per-entry graph only)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         batch, count = tokens.shape
         if batch != cache.batch:
             raise ValueError(f"{batch} sequences fed to a cache made for {cache.batch}")
-        if count < 1 or position < 0 or position + count > self.spec.block_size:
-            raise ValueError(f"positions {position}..{position + count - 1} exceed the block size {self.spec.block_size}")
+        positions = entry_positions(position, batch)
+        check_fits(positions, count, self.spec.block_size)
+        if not self.positions_per_entry and not (positions == positions[0]).all():
+            raise ValueError(f"{self.bundle.path}: this bundle's transformer takes one position for the whole batch; export it again")
         engine = self._engines["transformer"]
         index = transformer_profile_index(engine.profiles, count)
+        short = self.positions_per_entry and not positions.any()  # a prefill: one zero past slot per sequence
+        addresses = cache.addresses
+        if short:
+            assert cache.zero_slot is not None
+            addresses = {**addresses, **{name: cache.zero_slot.ptr for name in past_names(self.spec.n_layer)}}
         cuda.copy_to_device(cache.tokens, tokens, self.stream)
-        cuda.copy_to_device(cache.position, np.array(position, dtype=np.int64), self.stream)
-        use_graph = self.cuda_graph and count == 1
+        cuda.copy_to_device(cache.position, positions if self.positions_per_entry else np.array(positions[0]), self.stream)
+        use_graph = self.cuda_graph and count == 1 and not short
         replay = use_graph and cache.graph is not None and self._decode_bound == cache.serial
         if replay:
             cache.graph.launch()  # type: ignore[union-attr]
@@ -290,13 +310,14 @@ class TrtBackend:
             decoding = count == 1
             if decoding:
                 self._decode_bound = None  # the decode context is rebound below; valid again once it has run
-            context = self._set_shapes(engine, index, transformer_shapes(self.spec, batch, count))
-            self._bind(context, "transformer", cache.addresses)
+            shapes = transformer_shapes(self.spec, batch, count, self.positions_per_entry, 1 if short else None)
+            context = self._set_shapes(engine, index, shapes)
+            self._bind(context, "transformer", addresses)
             self._execute(context, "transformer")
-            if decoding:
+            if decoding and not short:
                 self._decode_bound = cache.serial
         # the same stream orders the copy after the engine has read the cache and written new_kv
-        for copy in scatter_new_kv_view(self.spec, batch, count, position, cache.dtype, cache.kv_batch or batch, cache.start):
+        for copy in scatter_new_kv_entries(self.spec, positions, count, cache.dtype, cache.kv_batch or batch, cache.start):
             cuda.copy_2d_on_device(cache.kv, copy.dst_offset, copy.dst_pitch, cache.new_kv, copy.src_pitch,
                                    copy.width, copy.height, self.stream, copy.src_offset)
         cuda.copy_to_host(cache.logits_host, cache.logits, self.stream)

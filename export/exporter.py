@@ -88,10 +88,10 @@ def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> d
     transformer_feeds = []
     for seq in sequences[:4]:
         cache = model.transformer.new_cache(1)
-        empty = past_feeds(cache.numpy())
+        one_slot = past_feeds(cache.numpy()[:, :, :, :, :1])  # what the runtimes feed a prefill
         model.transformer.step(torch.from_numpy(seq[None, :half]), cache, 0)
-        transformer_feeds.append({"tokens": seq[None, :half], "position": np.array(0), **empty})
-        transformer_feeds.append({"tokens": seq[None, half : half + 1], "position": np.array(half), **past_feeds(cache.numpy())})
+        transformer_feeds.append({"tokens": seq[None, :half], "position": np.array([0]), **one_slot})
+        transformer_feeds.append({"tokens": seq[None, half : half + 1], "position": np.array([half]), **past_feeds(cache.numpy())})
     feeds["transformer"] = transformer_feeds
     return feeds
 

@@ -4,11 +4,16 @@
 - decoder:      indices (B, h, w) int64 -> image (B, 3, H, W) float32 (unclamped)
 - cond_encoder: labels (B, H, W) int64 class ids, depth (B, 1, H, W) or an image (B, 3, H, W), float32 in
                 [-1, 1] -> indices (B, h, w)
-- transformer:  tokens (B, T) int64, position () int64, past_key_i / past_value_i (B, n_head, block_size,
-                head_dim) per layer i -> logits (B, V) of the last position, new_kv (n_layer, 2, B, n_head,
-                T, head_dim): the fed tokens' keys and values, which the runtime writes into its cache at
-                slots position..position+T-1. One graph for prefills and steps; no shape grows with the
-                step count, and the cache is never copied inside the graph.
+- transformer:  tokens (B, T) int64, position (B,) int64 (where each entry's tokens start), past_key_i /
+                past_value_i (B, n_head, past, head_dim) per layer i, ``past`` in 1..block_size -> logits
+                (B, V) of the last position, new_kv (n_layer, 2, B, n_head, T, head_dim): the fed tokens'
+                keys and values, which the runtime writes into its cache at slots position[b]..+T-1. Entry
+                b attends to the past slots below position[b] and causally to its fed tokens, so a prefill
+                (all positions 0) is fed one masked slot instead of the empty cache, and continuing calls
+                the whole cache (a view, no copy). One graph for prefills and steps, entries at different
+                positions in one batch; no shape grows with the step count.
+                (Bundles exported before had position () and past slots fixed at block_size: the
+                "shared-position" form, which the runtimes still run; see engines/profiles.py.)
 The quantizer's distances (Gumbel: logits) and argmin (argmax) are fp32 inside every graph (quantizer.py).
 """
 from __future__ import annotations
@@ -119,16 +124,17 @@ def graph_defs(model: TamingModel, example_hw: tuple[int, int] = (64, 64)) -> li
             {name: ("batch", channels, "height", "width"), "indices": latent_axes},
         ))
     names = past_names(spec.n_layer)
-    slot_axes = ("batch", spec.n_head, spec.block_size, spec.head_dim)
+    slot_axes = ("batch", spec.n_head, "past", spec.head_dim)
     # distinct example tensors: torch.export must not see the layers' caches as one aliased tensor
     past = tuple(torch.randn(2, spec.n_head, spec.block_size, spec.head_dim) for _ in names)
+    slots = torch.export.Dim("past", min=1, max=spec.block_size)
     defs.append(GraphDef(
         "transformer", TransformerStepGraph(model.transformer),
-        (torch.randint(0, spec.vocab_size, (2, 7)), torch.tensor(3), *past),
+        (torch.randint(0, spec.vocab_size, (2, 3)), torch.tensor([2, 1]), *past),
         ("tokens", "position", *names), ("logits", "new_kv"),
-        {"tokens": {0: batch, 1: torch.export.Dim("tokens", min=1, max=spec.block_size)}, "position": {},
-         "past": tuple({0: batch} for _ in names)},
-        {"tokens": ("batch", "tokens"), "position": (), **{name: slot_axes for name in names},
+        {"tokens": {0: batch, 1: torch.export.Dim("tokens", min=1, max=spec.block_size)}, "position": {0: batch},
+         "past": tuple({0: batch, 2: slots} for _ in names)},
+        {"tokens": ("batch", "tokens"), "position": ("batch",), **{name: slot_axes for name in names},
          "logits": ("batch", spec.vocab_size), "new_kv": (spec.n_layer, 2, "batch", spec.n_head, "tokens", spec.head_dim)},
     ))
     return defs

@@ -8,11 +8,13 @@ the image, where the original's window does not move down): the tokens it holds 
 continuing it gives the same logits as a new prefill. See windows.py for where the window goes,
 wavefront.py for which calls run together, and DESIGN.md for the cost model.
 
-The calls of one wavefront step are independent; those that feed the same number of tokens at the
-same position run as one transformer call over a contiguous range of the cache pool. (The graph
-takes one position for its whole batch and returns the last fed position's logits, so calls of
+The calls of one wavefront step are independent; those that feed the same number of tokens run as
+one transformer call over a contiguous range of the cache pool, each entry at its own position
+(backends whose graph takes one position for the whole batch, bundles exported before, also need
+the same position). Prefills run apart from continuing calls, so that the backend can feed them a
+short past instead of the empty cache. (The graph returns the last fed position's logits, so calls of
 different lengths cannot be padded into one batch; they are grouped instead. In the middle of an
-image every row's call has the same shape, so the groups are large.)
+image every row's call feeds one token, so the groups are large.)
 """
 from __future__ import annotations
 
@@ -48,8 +50,8 @@ def cache_capacity(backend: Backend, batch: int) -> int:
     return CACHE_MEMORY_BUDGET // cache_bytes
 
 
-def runs(calls: tuple[Call, ...], key: Callable[[Call], tuple[int, int]], max_slots: int) -> list[list[Call]]:
-    """The step's calls as batches: the same (position, length), consecutive slots, at most ``max_slots``."""
+def runs(calls: tuple[Call, ...], key: Callable[[Call], tuple[int, ...]], max_slots: int) -> list[list[Call]]:
+    """The step's calls as batches: the same key, consecutive slots, at most ``max_slots``."""
     batches: list[list[Call]] = []
     for call in sorted(calls, key=lambda c: (key(c), c.slot)):
         last = batches[-1] if batches else None
@@ -101,10 +103,18 @@ def sample_tokens(
     stats = SampleStats(tokens=h * w, wavefront_steps=len(schedule.steps))
     entries = np.arange(n)
 
-    def key(call: Call) -> tuple[int, int]:  # (position, fed tokens)
-        if call.cached is None:
-            return 0, prefix_length + call.target
-        return prefix_length + call.cached, call.target - call.cached
+    def position(call: Call) -> int:
+        return 0 if call.cached is None else prefix_length + call.cached
+
+    def length(call: Call) -> int:
+        return prefix_length + call.target if call.cached is None else call.target - call.cached
+
+    per_entry = getattr(backend, "positions_per_entry", False)
+
+    def key(call: Call) -> tuple[int, ...]:  # what the calls of one batch share
+        if per_entry:
+            return call.cached is None, length(call)
+        return position(call), length(call)
 
     def feed(call: Call) -> np.ndarray:
         top, left = call.top, call.left
@@ -119,15 +129,15 @@ def sample_tokens(
     for step in schedule.steps:
         for batch in runs(step, key, max_slots):
             first, count = batch[0].slot, len(batch)
-            position, length = key(batch[0])
-            logits = backend.transformer_step(np.concatenate([feed(c) for c in batch], axis=0), position, cache(first, count))
+            positions = np.repeat([position(c) for c in batch], n) if per_entry else position(batch[0])
+            logits = backend.transformer_step(np.concatenate([feed(c) for c in batch], axis=0), positions, cache(first, count))
             rows = np.repeat([c.cell[0] for c in batch], n)
             cols = np.repeat([c.cell[1] for c in batch], n)
             uniforms = stream.uniforms(np.tile(entries, count), rows, cols)
             chosen = choose_tokens(logits[:, : spec.image_codebook_size], options, uniforms)
             image[:, [c.cell[0] for c in batch], [c.cell[1] for c in batch]] = chosen.reshape(count, n).T
             stats.transformer_calls += 1
-            stats.fed_tokens += length * count
+            stats.fed_tokens += length(batch[0]) * count
             stats.prefills += sum(c.cached is None for c in batch)
             stats.steps += sum(c.cached is not None for c in batch)
         done += len(step)

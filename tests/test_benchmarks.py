@@ -72,6 +72,13 @@ def test_counted_flops_follow_the_sampler_call_pattern():
     assert counted.flops == linear + 2 * L * 2 * pairs * d + 256 * 2 * d * 512
     masked = 256 * S + 256 * 255 // 2 + sum(S - p for p in range(256, 511))
     assert counted.masked_flops == 2 * L * 2 * masked * d
+    # a per-entry-position backend's prefill attends over one (masked) past slot and its 256 tokens
+    counted.positions_per_entry = True
+    counted.flops = counted.masked_flops = 0
+    sample_tokens(counted, cond, (16, 16), GREEDY, TokenStream.for_batch(0, len(cond)), "exact")
+    assert counted.flops == linear + 2 * L * 2 * (256 * 257 + 255 * (S + 1)) * d + 256 * 2 * d * 512
+    assert counted.masked_flops == 2 * L * 2 * (256 + 256 * 255 // 2 + sum(S - p for p in range(256, 511))) * d
+    counted.positions_per_entry = False
     # the prefill-graph prototype's prefill attends over its 256 tokens only
     counted.name = "ort-prefill"
     counted.flops = counted.masked_flops = 0
@@ -156,6 +163,7 @@ def test_prototype_backends_return_the_runtime_logits_cache_and_tokens(fixture_b
     candidates = [
         prototypes.BoundOrtBackend(fixture_bundle, options=prototypes.tuned_session_options(None, spinning=False)),
         prototypes.PrefillGraphOrtBackend(fixture_bundle, prefill_graph),
+        prototypes.SharedPositionOrtBackend(fixture_bundle),
     ]
     tokens = np.random.default_rng(7).integers(0, 64, (2, 511))
     # multi-token calls between single ones rebind; a re-prefill reuses a cache full of the first sequence

@@ -32,6 +32,25 @@ def test_the_shipped_bundle_stores_int8_weights_and_stays_small():
     assert sum((DEFAULT_MODEL / entry.file).stat().st_size for entry in graphs) < 15e6  # the package ships it
 
 
+def test_the_shipped_bundle_runs_its_shared_position_transformer_form():
+    """Exported before the per-entry-position graph: one position for a whole batch, past inputs of
+    block_size slots. The runtime drives it as such: a (B,) position of equal values is that one
+    position, unequal ones are refused, and the sampler batches only calls at one position."""
+    from taming_deploy.backends.ort_backend import OrtBackend
+
+    backend = OrtBackend(DEFAULT_MODEL, threads=1)
+    assert not backend.positions_per_entry
+    tokens = np.random.default_rng(4).integers(0, backend.spec.vocab_size, (2, 12))
+    caches = [backend.new_cache(2), backend.new_cache(2)]
+    for cache, position in zip(caches, (8, np.array([8, 8]))):
+        backend.transformer_step(tokens[:, :8], 0, cache)
+        last = backend.transformer_step(tokens[:, 8:], position, cache)
+    np.testing.assert_array_equal(last, backend.transformer_step(tokens[:, 8:], 8, caches[0]))
+    np.testing.assert_array_equal(caches[0].kv, caches[1].kv)
+    with pytest.raises(ValueError, match="one position for the whole batch"):
+        backend.transformer_step(tokens[:, 8:9], np.array([8, 9]), caches[0])
+
+
 def test_generate_without_a_model_uses_the_embedded_one(tmp_path):
     out = tmp_path / "out.png"
     proc = run_cli("generate", "--cond", str(EXAMPLES / "landscape_01.png"), "--size", "128x128", "--seed", "0",

@@ -27,6 +27,7 @@ import pytest
 from taming_deploy.engines import build_engines, cuda, deps, load_trt_backend
 from tensorrt_api import USED, Restricted, unwrap
 from taming_deploy.bundle import GraphFile, Manifest, TensorSpec
+from taming_deploy.cache_writes import entry_positions, write_new_kv
 from taming_deploy.errors import UserError
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import TokenStream
@@ -164,20 +165,22 @@ class FakeCudart:
 KV_SCALE = 1 + np.arange(SPEC.n_layer * 2 * SPEC.n_head * SPEC.head_dim).reshape(SPEC.n_layer, 2, SPEC.n_head, SPEC.head_dim)
 
 
-def toy_step(tokens: np.ndarray, position: int, keys: list[np.ndarray], values: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
+def toy_step(tokens: np.ndarray, position, keys: list[np.ndarray], values: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
     """A transformer stand-in with the graph's interface: per-layer past keys/values (B, H, S, D) ->
     logits (B, V) and the fed tokens' new_kv (L, 2, B, H, T, D). Token x's key/value entry (l, k, h, d)
     is x * KV_SCALE[l, k, h, d], a different multiple for every layer, kind, head and dim; the next
     token depends on every slot before ``position`` through sum(past * KV_SCALE * (slot + 1)), so a
     cache entry written to the wrong layer, kind, head, dim or slot changes the tokens (the pairing of
     KV_SCALE with itself is maximal only for the right arrangement). Slots at or past ``position`` are
-    ignored, as the real graph masks them."""
+    ignored, as the real graph masks them. ``position``: one for all entries, or (B,) one each."""
     b, t = tokens.shape
     new_kv = (tokens[None, None, :, None, :, None] * KV_SCALE[:, :, None, :, None, :]).astype(dtype)
     past = np.stack([np.stack((k, v)) for k, v in zip(keys, values)])  # (L, 2, B, H, S, D)
-    seen = np.rint(past[:, :, :, :, :position].astype(np.float64)).astype(np.int64)
-    score = np.einsum("lkbhsd,s,lkhd->b", seen, np.arange(1, position + 1), KV_SCALE)
-    score += np.einsum("lkbhtd,t,lkhd->b", new_kv.astype(np.int64), np.arange(position + 1, position + t + 1), KV_SCALE)
+    score = np.zeros(b, np.int64)
+    for e, p in enumerate(entry_positions(position, b).tolist()):
+        seen = np.rint(past[:, :, e, :, :p].astype(np.float64)).astype(np.int64)
+        score[e] = np.einsum("lkhsd,s,lkhd->", seen, np.arange(1, p + 1), KV_SCALE)
+        score[e] += np.einsum("lkhtd,t,lkhd->", new_kv[:, :, e].astype(np.int64), np.arange(p + 1, p + t + 1), KV_SCALE)
     logits = np.zeros((b, SPEC.vocab_size), np.float32)
     logits[np.arange(b), score % SPEC.vocab_size] = 1.0
     return logits, new_kv
@@ -189,8 +192,8 @@ class ToyBackend:
 
     name, spec = "toy", SPEC
 
-    def __init__(self, dtype=np.float32):
-        self.dtype = dtype
+    def __init__(self, dtype=np.float32, per_entry: bool = False):
+        self.dtype, self.positions_per_entry = dtype, per_entry
 
     def condition_tokens(self, labels):
         return labels[:, :: SPEC.downsample_factor, :: SPEC.downsample_factor].astype(np.int64)
@@ -203,7 +206,7 @@ class ToyBackend:
 
     def transformer_step(self, tokens, position, cache):
         logits, new_kv = toy_step(tokens, position, list(cache[:, 0]), list(cache[:, 1]), self.dtype)
-        cache[:, :, :, :, position : position + tokens.shape[1]] = new_kv
+        write_new_kv(cache, new_kv, entry_positions(position, tokens.shape[0]))
         return logits
 
 
@@ -279,14 +282,17 @@ class FakeEngine:
         mem, kind = self.trt.cudart, self.graph.file.split(".")[0]
         if kind == "transformer":
             (b, t), layers = shapes["tokens"], SPEC.n_layer
-            slots = (b, SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+            per_entry = self._spec("position")[0].shape == ("batch",)
+            slots = shapes["past_key_0"] if per_entry else (b, SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+            assert slots[:2] == (b, SPEC.n_head) and 1 <= slots[2] <= SPEC.block_size and slots[3] == SPEC.head_dim
+            assert shapes.get("position", ()) == ((b,) if per_entry else ())
             for i in range(layers):
                 assert shapes[f"past_key_{i}"] == shapes[f"past_value_{i}"] == slots
             dtype = self.get_tensor_dtype("new_kv")
 
             def op():  # reads the past inputs, writes only logits and new_kv: never the cache
                 tokens = mem.array(addresses["tokens"], np.int64, (b, t))
-                position = int(mem.array(addresses["position"], np.int64, ()))
+                position = mem.array(addresses["position"], np.int64, (b,) if per_entry else ()).copy()
                 keys = [mem.array(addresses[f"past_key_{i}"], self.get_tensor_dtype(f"past_key_{i}"), slots).copy() for i in range(layers)]
                 values = [mem.array(addresses[f"past_value_{i}"], self.get_tensor_dtype(f"past_value_{i}"), slots).copy() for i in range(layers)]
                 logits, new_kv = toy_step(tokens, position, keys, values, dtype)
@@ -398,17 +404,19 @@ class FakeTensorRT:
 PAST = tuple(f"past_key_{i}" for i in range(SPEC.n_layer)) + tuple(f"past_value_{i}" for i in range(SPEC.n_layer))
 
 
-def graph(name: str, precision: str = "fp32") -> GraphFile:
-    """A graph's manifest entry with the I/O of export/graphs.py (the fp16 transformer: an fp16 cache)."""
+def graph(name: str, precision: str = "fp32", per_entry: bool = False) -> GraphFile:
+    """A graph's manifest entry with the I/O of export/graphs.py (the fp16 transformer: an fp16 cache;
+    ``per_entry``: the transformer form with one position per entry and a dynamic past axis, else the
+    shared-position form that bundles exported before have)."""
     t = TensorSpec
     f = "float16" if precision == "fp16" else "float32"
-    slots = ("batch", SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+    slots = ("batch", SPEC.n_head, "past" if per_entry else SPEC.block_size, SPEC.head_dim)
     latent = ("batch", "latent_height", "latent_width")
     io = {
         "encoder": ((t("image", "float32", ("batch", 3, "height", "width")),), (t("indices", "int64", latent),)),
         "decoder": ((t("indices", "int64", latent),), (t("image", "float32", ("batch", 3, "height", "width")),)),
         "cond_encoder": ((t("labels", "int64", ("batch", "height", "width")),), (t("indices", "int64", latent),)),
-        "transformer": ((t("tokens", "int64", ("batch", "tokens")), t("position", "int64", ()), *(t(n, f, slots) for n in PAST)),
+        "transformer": ((t("tokens", "int64", ("batch", "tokens")), t("position", "int64", ("batch",) if per_entry else ()), *(t(n, f, slots) for n in PAST)),
                         (t("logits", "float32", ("batch", SPEC.vocab_size)),
                          t("new_kv", f, (SPEC.n_layer, 2, "batch", SPEC.n_head, "tokens", SPEC.head_dim)))),
     }[name]
@@ -424,13 +432,13 @@ def free_fake_device_memory_while_patched(monkeypatch):
     gc.collect()
 
 
-def install_fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str = "fp32") -> SimpleNamespace:
+def install_fake_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str = "fp32", per_entry: bool = False) -> SimpleNamespace:
     """A bundle of ``precision`` graphs (placeholder files), and the fake TensorRT + CUDA in place of the real ones."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     graphs = {}
     for name in ("encoder", "decoder", "cond_encoder", "transformer"):
-        g = graph(name, precision)
+        g = graph(name, precision, per_entry)
         text = f"graph {g.file}".encode()
         data = b"\x12" + bytes([len(text)]) + text  # a ModelProto holding only producer_name: the bundle reads it
         (bundle / g.file).write_bytes(data)
@@ -485,11 +493,11 @@ def test_a_failed_build_leaves_the_previous_engines(fake_gpu):
     assert (engines / "engines.json").read_text() == before
 
 
-def expected_replays(calls: list[tuple[int, int]]) -> int:
-    """Decode steps that replay a graph, for (cache, tokens) calls in order: a cache's decode step
-    replays once its graph exists and the decode context last ran (normally) for that cache."""
+def expected_replays(calls: list[tuple[int, int, object]]) -> int:
+    """Decode steps that replay a graph, for (cache, tokens, position) calls in order: a cache's decode
+    step replays once its graph exists and the decode context last ran (normally) for that cache."""
     bound, captured, replays = None, set(), 0
-    for cache, count in calls:
+    for cache, count, _ in calls:
         if count != 1:
             continue  # prefills run on the other context
         if cache in captured and bound == cache:
@@ -503,8 +511,10 @@ def expected_replays(calls: list[tuple[int, int]]) -> int:
 @pytest.mark.parametrize("latent", [(4, 6), (3, 3)])  # several placement caches; one window, many decode steps
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_generation_matches_the_host_model(tmp_path, monkeypatch, precision, cuda_graph, latent):
-    fake_gpu = install_fake_gpu(tmp_path, monkeypatch, precision)
+@pytest.mark.parametrize("per_entry", [False, True], ids=["shared-position", "per-entry"])
+def test_generation_matches_the_host_model(tmp_path, monkeypatch, precision, cuda_graph, latent, per_entry):
+    """Either graph form gives the tokens of the host model run one position per call."""
+    fake_gpu = install_fake_gpu(tmp_path, monkeypatch, precision, per_entry)
     build_engines(fake_gpu.bundle, precision=precision, max_size=(24, 16), max_batch=2)
     backend = load_trt_backend(fake_gpu.bundle, cuda_graph=cuda_graph)
     labels = np.random.default_rng(1).integers(0, 5, (2, latent[0] * 4, latent[1] * 4))
@@ -513,22 +523,24 @@ def test_generation_matches_the_host_model(tmp_path, monkeypatch, precision, cud
     calls = []  # (cache, tokens) per transformer call
     views = {}  # id -> the cache (view) itself
     step = backend.transformer_step
-    backend.transformer_step = lambda tokens, position, cache: (views.setdefault(id(cache), cache), calls.append((id(cache), tokens.shape[1]))) and step(tokens, position, cache)
+    backend.transformer_step = lambda tokens, position, cache: (views.setdefault(id(cache), cache), calls.append((id(cache), tokens.shape[1], position))) and step(tokens, position, cache)
     options = SamplingOptions(greedy=True)
     tokens, stats = sample_tokens(backend, cond, latent, options, TokenStream.for_batch(0, len(cond)))
     dtype = np.float16 if precision == "fp16" else np.float32
     expected, _ = sample_tokens(ToyBackend(dtype), cond, latent, options, TokenStream.for_batch(0, len(cond)))
     np.testing.assert_array_equal(tokens, expected)
-    decode_calls = sum(count == 1 for _, count in calls)
+    decode_calls = sum(count == 1 for _, count, _ in calls)
     assert decode_calls > 3 and len(calls) > decode_calls  # both profiles were exercised
-    decoded_caches = {cache for cache, count in calls if count == 1}
+    decoded_caches = {cache for cache, count, _ in calls if count == 1}
     assert len(decoded_caches) == (1 if latent == (3, 3) else 2)  # (4, 6): switching between caches is covered
     runs = [e for e in fake_gpu.trt.executions if e[0].startswith("transformer.")]
     assert all((profile == 1) == (shapes["tokens"][1] == 1) for _, profile, shapes in runs)  # T = 1 -> decode profile
     scatters = [c for c in fake_gpu.cudart.copies if c[0] == "2D"]
     whole = lambda c: (c.start, c.batch) == (0, c.kv_batch)  # noqa: E731
     # every call, replayed or not, writes its new keys and values: one copy for a whole cache, one per layer and K/V for a view
-    assert len(scatters) == sum(1 if whole(views[cache]) else 2 * SPEC.n_layer for cache, _ in calls)
+    # (per entry: one run of copies per run of entries at one position)
+    runs_at = lambda p: 1 + int(np.count_nonzero(np.diff(np.asarray(p).reshape(-1)))) if np.ndim(p) else 1  # noqa: E731
+    assert len(scatters) == sum(1 if whole(views[cache]) and runs_at(p) == 1 else 2 * SPEC.n_layer * runs_at(p) for cache, _, p in calls)
     if cuda_graph:
         assert backend.cuda_graph_error is None
         assert fake_gpu.cudart.launches == expected_replays(calls)
@@ -598,6 +610,38 @@ def test_a_view_runs_its_sequences_of_the_pool_and_leaves_the_others(fake_gpu):
     assert not device_kv[:, :, 0].any()
     with pytest.raises(ValueError, match="not in a cache of 5"):
         backend.cache_view(pool, 4, 6)
+
+
+def test_per_entry_positions_scatter_each_sequence_at_its_own_slots_and_prefills_read_one_zero_slot(tmp_path, monkeypatch):
+    fake_gpu = install_fake_gpu(tmp_path, monkeypatch, per_entry=True)
+    build_engines(fake_gpu.bundle, precision="fp32", max_size=(24, 16), max_batch=4)
+    backend, oracle = load_trt_backend(fake_gpu.bundle), ToyBackend(per_entry=True)
+    assert backend.positions_per_entry
+    mem = fake_gpu.cudart
+    pool, host = backend.new_cache(4), oracle.new_cache(4)
+    assert pool.zero_slot is not None and len(mem.memory[pool.zero_slot.ptr]) == 4 * SPEC.n_head * SPEC.head_dim * 4
+    device_kv = mem.array(pool.kv.ptr, np.float32, host.shape)
+    rng = np.random.default_rng(8)
+    for start, count in [(0, 5), (1, 5), (2, 8), (3, 3)]:  # prefills of one sequence each
+        feed = rng.integers(0, SPEC.vocab_size, (1, count))
+        got = backend.transformer_step(feed, 0, backend.cache_view(pool, start, start + 1))
+        np.testing.assert_array_equal(got, oracle.transformer_step(feed, 0, oracle.cache_view(host, start, start + 1)))
+        _, profile, shapes = fake_gpu.trt.executions[-1]
+        assert profile == 0 and shapes["past_key_0"] == (1, SPEC.n_head, 1, SPEC.head_dim)  # one slot, not the block
+        assert unwrap(backend._engines["transformer"].contexts[0]).addresses["past_value_1"] == pool.zero_slot.ptr
+    np.testing.assert_array_equal(device_kv, host)
+    positions = np.array([5, 5, 8, 3])  # three runs of sequences at one position
+    for count in (1, 2):
+        feed = rng.integers(0, SPEC.vocab_size, (4, count))
+        mem.copies.clear()
+        got = backend.transformer_step(feed, positions, pool)
+        np.testing.assert_array_equal(got, oracle.transformer_step(feed, positions, host))
+        np.testing.assert_array_equal(device_kv, host)  # each sequence's keys and values at its own slots
+        assert sum(c[0] == "2D" for c in mem.copies) == 3 * 2 * SPEC.n_layer
+        assert ("H2D", 4 * 8) in mem.copies  # the four positions go up
+        _, profile, shapes = fake_gpu.trt.executions[-1]
+        assert shapes["position"] == (4,) and shapes["past_key_0"] == (4, SPEC.n_head, SPEC.block_size, SPEC.head_dim)
+        positions = positions + count
 
 
 def test_replayed_decode_steps_scatter_at_their_own_position(fake_gpu):

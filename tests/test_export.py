@@ -41,12 +41,38 @@ def test_manifest_describes_every_graph_with_hash_io_and_passed_validation(fixtu
     assert [t["name"] for t in transformer["fp32"]["inputs"]] == names
     assert [t["dtype"] for t in transformer["fp16"]["inputs"]] == ["int64", "int64"] + ["float16"] * 4  # fp16 KV cache
     assert [t["dtype"] for t in transformer["fp32"]["inputs"]] == ["int64", "int64"] + ["float32"] * 4
-    assert transformer["fp32"]["inputs"][2]["shape"] == ["batch", 2, 512, 16]  # fixed capacity, dynamic batch
+    assert transformer["fp32"]["inputs"][1]["shape"] == ["batch"]  # one position per entry
+    assert transformer["fp32"]["inputs"][2]["shape"] == ["batch", 2, "past", 16]  # the slots fed: 1..block_size
     assert transformer["fp32"]["outputs"][1] == {"name": "new_kv", "dtype": "float32", "shape": [2, 2, "batch", 2, "tokens", 16]}
     checks = manifest["validation"]["checks"]
     assert checks and all(c["passed"] for c in checks)
     assert {c["graph"] for c in checks if c["precision"] == "fp16"} == {"encoder", "decoder", "cond_encoder", "transformer"}
     assert manifest["model"]["condition"]["n_labels"] == 7 and manifest["model"]["block_size"] == 512
+
+
+def test_transformer_graph_runs_entries_at_different_positions_in_one_call(fixture_bundle, reference_model):
+    """Batch 3 prefilled to different lengths (prefills read a one-slot past), then one call feeding
+    two tokens to each at its own position: logits equal torch's full recompute, and each entry's
+    keys and values are written at its own slots."""
+    import torch
+
+    from taming_deploy.backends.ort_backend import OrtBackend
+
+    backend = OrtBackend(fixture_bundle)
+    assert backend.positions_per_entry
+    tokens = np.random.default_rng(1).integers(0, 64, size=(3, 90))
+    cache = backend.new_cache(3)
+    starts = np.array([10, 41, 77])
+    for b, p in enumerate(starts):
+        backend.transformer_step(tokens[b : b + 1, :p], 0, backend.cache_view(cache, b, b + 1))
+    fed = np.stack([tokens[b, p : p + 2] for b, p in enumerate(starts)])
+    got = backend.transformer_step(fed, starts, cache)
+    with torch.no_grad():
+        full, _ = reference_model.transformer(torch.from_numpy(tokens))
+    np.testing.assert_allclose(got, np.stack([full[b, p + 1].numpy() for b, p in enumerate(starts)]), atol=1e-5, rtol=0)
+    for b, p in enumerate(starts):
+        written = np.abs(cache.kv[:, :, b]).sum(axis=(0, 1, 2, 4)) > 0
+        assert written.nonzero()[0].tolist() == list(range(p + 2))
 
 
 def test_exported_graphs_carry_no_exporter_metadata(fixture_bundle):

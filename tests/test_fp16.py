@@ -57,10 +57,11 @@ def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def kv_shape(transformer: onnx.ModelProto):
-    """batch -> the runtime's cache shape (n_layer, 2, batch, heads, slots, head_dim) for this graph."""
+def kv_shape(transformer: onnx.ModelProto, slots: int):
+    """batch -> the runtime's cache shape (n_layer, 2, batch, heads, slots, head_dim) for this graph
+    (whose past slot axis is dynamic: ``slots``, the block size)."""
     past = [i for i in transformer.graph.input if i.name.startswith("past_key_")]
-    heads, slots, head_dim = (d.dim_value for d in past[0].type.tensor_type.shape.dim[1:])
+    heads, _, head_dim = (d.dim_value for d in past[0].type.tensor_type.shape.dim[1:])
     return lambda batch: (len(past), 2, batch, heads, slots, head_dim)
 
 
@@ -78,7 +79,7 @@ def graphs(reference_model, tmp_path_factory) -> dict[str, onnx.ModelProto]:
 
 
 @pytest.fixture(scope="module")
-def data(graphs) -> dict:
+def data(graphs, reference_model) -> dict:
     """Calibration feeds (synthetic landscapes, their tokens, teacher-forced token sequences) and
     evaluation inputs."""
     encoder = session(graphs["encoder"])
@@ -90,15 +91,15 @@ def data(graphs) -> dict:
     cond_tokens = (eval_labels[:, ::4, ::4] * 4 + eval_tokens % 4) % 32
     sequences = np.concatenate((cond_tokens.reshape(len(eval_tokens), -1), eval_tokens.reshape(len(eval_tokens), -1)), axis=1)[:, :-1]
     transformer = session(graphs["transformer"])
-    cache_shape = kv_shape(graphs["transformer"])
+    cache_shape = kv_shape(graphs["transformer"], reference_model.transformer.config.block_size)
     transformer_feeds = []
     for k in range(0, len(CALIBRATION_SEEDS), 2):  # a prefill, then a step on the cache it wrote
         seq = sequences[k : k + 2]
         cache = np.zeros(cache_shape(2), np.float32)
-        prefill = {"tokens": seq[:, :400], "position": np.array(0, np.int64), **past_feeds(cache)}
+        prefill = {"tokens": seq[:, :400], "position": np.zeros(2, np.int64), **past_feeds(cache)}
         transformer_feeds.append(prefill)
         cache[:, :, :, :, :400] = transformer.run(None, prefill)[1]
-        transformer_feeds.append({"tokens": seq[:, 400:401], "position": np.array(400, np.int64), **past_feeds(cache)})
+        transformer_feeds.append({"tokens": seq[:, 400:401], "position": np.full(2, 400, np.int64), **past_feeds(cache)})
     return {
         "feeds": {
             "encoder": [{"image": calib_images[k : k + 2]} for k in range(0, len(calib_images), 2)],
@@ -202,11 +203,11 @@ def test_decoder_psnr(graphs, mixed, data):
 
 def stepped_top1(runner: ort.InferenceSession, sequences: np.ndarray, cache_shape, dtype, prefill: int = 256) -> np.ndarray:
     cache = np.zeros(cache_shape(len(sequences)), dtype)
-    logits, new_kv = runner.run(None, {"tokens": sequences[:, :prefill], "position": np.array(0, np.int64), **past_feeds(cache)})
+    logits, new_kv = runner.run(None, {"tokens": sequences[:, :prefill], "position": np.zeros(len(sequences), np.int64), **past_feeds(cache)})
     cache[:, :, :, :, :prefill] = new_kv
     top1 = [logits.argmax(-1)]
     for p in range(prefill, sequences.shape[1]):
-        logits, new_kv = runner.run(None, {"tokens": sequences[:, p : p + 1], "position": np.array(p, np.int64), **past_feeds(cache)})
+        logits, new_kv = runner.run(None, {"tokens": sequences[:, p : p + 1], "position": np.full(len(sequences), p, np.int64), **past_feeds(cache)})
         cache[:, :, :, :, p : p + 1] = new_kv
         top1.append(logits.argmax(-1))
     return np.stack(top1, axis=1)

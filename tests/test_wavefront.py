@@ -152,3 +152,36 @@ def test_a_cache_view_reads_and_writes_its_sequences_of_the_pool(ort_backend):
     assert not parent.kv[:, :, [0, 4]].any()  # the other sequences untouched
     step = tokens[:, :1]
     np.testing.assert_allclose(ort_backend.transformer_step(step, 9, view), ort_backend.transformer_step(step, 9, pool), rtol=1e-5, atol=1e-5)
+
+
+class PositionForm:
+    """A backend the sampler sees as taking one position per entry or one per call (the form of bundles
+    exported before), recording the positions of every call."""
+
+    def __init__(self, backend, per_entry: bool):
+        self.backend, self.spec, self.positions_per_entry = backend, backend.spec, per_entry
+        self.positions: list[np.ndarray] = []
+
+    def new_cache(self, batch):
+        return self.backend.new_cache(batch)
+
+    def cache_view(self, cache, start, stop):
+        return self.backend.cache_view(cache, start, stop)
+
+    def transformer_step(self, tokens, position, cache):
+        self.positions.append(np.broadcast_to(position, tokens.shape[:1]))
+        return self.backend.transformer_step(tokens, position, cache)
+
+
+def test_per_entry_positions_batch_rows_in_flight_and_give_the_same_tokens(ort_backend):
+    """Fast mode at 24x32: the two rows in flight sit at different positions; with one position per
+    entry their single-token steps run as one call, without it they cannot."""
+    latent = (24, 32)
+    cond = conditions(ort_backend, latent, 1, 5)
+    per_entry, shared = PositionForm(ort_backend, True), PositionForm(ort_backend, False)
+    tokens, stats = sample_tokens(per_entry, cond, latent, GREEDY, TokenStream.for_batch(0, 1), "fast", 8)
+    expected, shared_stats = sample_tokens(shared, cond, latent, GREEDY, TokenStream.for_batch(0, 1), "fast", 8)
+    np.testing.assert_array_equal(tokens, expected)
+    assert any(len(set(p.tolist())) > 1 for p in per_entry.positions)
+    assert all(len(set(p.tolist())) == 1 for p in shared.positions)
+    assert stats.transformer_calls < shared_stats.transformer_calls

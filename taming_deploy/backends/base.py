@@ -42,8 +42,9 @@ class Backend(Protocol):
         an attribute ``max_batch`` (TensorRT: its engine's profile), which the sampler respects."""
         ...
 
-    def transformer_step(self, tokens: np.ndarray, position: int, cache: Any) -> np.ndarray:
+    def transformer_step(self, tokens: np.ndarray, position: int | np.ndarray, cache: Any) -> np.ndarray:
         """Feed (N, T) int64 tokens sitting at positions position..position+T-1; the cache must hold
         the sequence's tokens before ``position`` and is updated in place. Returns the last fed
-        position's logits, (N, vocab) float32."""
+        position's logits, (N, vocab) float32. ``position`` may be (N,), one per entry, where the
+        backend's attribute ``positions_per_entry`` is true (graphs exported before take one)."""
         ...

@@ -3,7 +3,9 @@
 The transformer cache is one array; ONNX Runtime values wrapping each layer's key and value slots
 (no copy) are bound to the graph once per cache. Each step binds only the new tokens and the
 position, and afterwards writes the fed tokens' keys and values (the graph's ``new_kv``) into their
-slots: the only cache traffic is the T new rows.
+slots: the only cache traffic is the T new rows. With a graph that takes one position per entry
+(export/graphs.py), a prefill (every entry at position 0) runs on a second binding whose past inputs
+are one zero slot, so it reads nothing of the empty cache.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from taming_deploy.bundle import Bundle, GraphFile
+from taming_deploy.cache_writes import check_fits, entry_positions, write_new_kv
+from taming_deploy.engines.profiles import per_entry_positions
 from taming_deploy.errors import UserError
 
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -54,6 +58,7 @@ class OrtCache:
     kv: np.ndarray  # (n_layer, 2, B, n_head, block_size, head_dim); the graph reads it, the step writes it
     binding: ort.IOBinding  # past_key_i / past_value_i bound to views of ``kv``, outputs to ``logits`` and new_kv
     logits: np.ndarray  # (B, vocab) float32
+    prefill: ort.IOBinding | None = None  # per-entry graphs: the past inputs bound to one zero slot, made when first used
 
 
 class OrtBackend:
@@ -65,7 +70,9 @@ class OrtBackend:
         self.precision = precision
         self.options = session_options(threads)
         self._sessions: dict[str, ort.InferenceSession] = {}
-        self.cache_dtype = np.dtype(self.bundle.graph("transformer", precision).inputs[2].dtype)
+        transformer = self.bundle.graph("transformer", precision)
+        self.cache_dtype = np.dtype(transformer.inputs[2].dtype)
+        self.positions_per_entry = per_entry_positions(transformer)  # else one position for the whole batch
 
     def session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
@@ -101,20 +108,34 @@ class OrtBackend:
         return self._bound_cache(cache.kv[:, :, start:stop])  # each layer's keys/values stay contiguous
 
     def _bound_cache(self, kv: np.ndarray) -> OrtCache:
-        session = self.session("transformer")
         logits = np.zeros((kv.shape[2], self.spec.vocab_size), np.float32)
-        binding = session.io_binding()
+        return OrtCache(kv, self._binding(kv, logits), logits)
+
+    def _binding(self, kv: np.ndarray, logits: np.ndarray) -> ort.IOBinding:
+        binding = self.session("transformer").io_binding()
         for layer in range(self.spec.n_layer):
             binding.bind_ortvalue_input(f"past_key_{layer}", ort.OrtValue.ortvalue_from_numpy(kv[layer, 0]))
             binding.bind_ortvalue_input(f"past_value_{layer}", ort.OrtValue.ortvalue_from_numpy(kv[layer, 1]))
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        return OrtCache(kv, binding, logits)
+        return binding
 
-    def transformer_step(self, tokens: np.ndarray, position: int, cache: OrtCache) -> np.ndarray:
+    def transformer_step(self, tokens: np.ndarray, position: int | np.ndarray, cache: OrtCache) -> np.ndarray:
+        """``position``: one for all entries, or one per entry (a per-entry graph only)."""
+        positions = entry_positions(position, tokens.shape[0])
+        check_fits(positions, tokens.shape[1], self.spec.block_size)
         binding = cache.binding
+        if self.positions_per_entry:
+            if not positions.any():
+                if cache.prefill is None:
+                    cache.prefill = self._binding(np.zeros((*cache.kv.shape[:4], 1, cache.kv.shape[5]), cache.kv.dtype), cache.logits)
+                binding = cache.prefill
+            binding.bind_cpu_input("position", positions)
+        elif (positions == positions[0]).all():
+            binding.bind_cpu_input("position", np.array(positions[0]))
+        else:
+            raise ValueError(f"{self.bundle.path}: this bundle's transformer takes one position for the whole batch; export it again")
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-        binding.bind_cpu_input("position", np.array(position, dtype=np.int64))
         binding.bind_output("new_kv", "cpu")  # its shape follows T: let ONNX Runtime allocate it per call
         self.session("transformer").run_with_iobinding(binding)
-        cache.kv[:, :, :, :, position : position + tokens.shape[1]] = binding.get_outputs()[1].numpy()
+        write_new_kv(cache.kv, binding.get_outputs()[1].numpy(), positions)
         return cache.logits.copy()  # the next step overwrites the bound buffer

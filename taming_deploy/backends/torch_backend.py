@@ -17,6 +17,7 @@ from taming_deploy.training.models.net2net import TamingModel
 
 class TorchBackend:
     name = "torch"
+    positions_per_entry = True  # GPT.step takes one position per entry
 
     def __init__(self, model: TamingModel, device: str | torch.device = "cpu"):
         self.model = model
@@ -49,5 +50,5 @@ class TorchBackend:
         return cache[:, :, start:stop]
 
     @torch.no_grad()
-    def transformer_step(self, tokens: np.ndarray, position: int, cache: torch.Tensor) -> np.ndarray:
+    def transformer_step(self, tokens: np.ndarray, position: int | np.ndarray, cache: torch.Tensor) -> np.ndarray:
         return self.model.transformer.step(self._tensor(tokens), cache, position).float().cpu().numpy()

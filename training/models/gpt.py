@@ -4,19 +4,26 @@ One forward serves three uses:
 - training / full recompute: ``gpt(idx)``, plain causal attention over the T tokens;
 - prefill: ``gpt(idx, past, position)`` with T tokens that sit at positions position..position+T-1;
 - decode: the same call with T = 1.
+``position`` is 0-d (every entry's tokens sit at the same positions) or (B,), one position per entry,
+so that calls of entries at different positions run as one batch.
 ``past`` holds, per layer, the keys and values of a fixed number of slots (the block size): slot s
 belongs to the token at position s. A call attends to the slots before ``position`` and, causally,
-to its own T tokens, and returns the T tokens' keys and values, (n_layer, 2, B, n_head, T, head_dim),
+to its own T tokens (the past may hold fewer slots than the block: a prefill from position 0 reads
+none of them, so it may be fed a single masked slot), and returns the T tokens' keys and values, (n_layer, 2, B, n_head, T, head_dim),
 for the caller to write into slots position..position+T-1. The cache is never copied by the model:
 on a CPU, rewriting the whole cache every step cost three times the step itself.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
+
+from taming_deploy.cache_writes import check_fits, entry_positions, write_new_kv
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,8 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None, position: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C); past: (keys, values), each (B, n_head, S, head_dim), valid below ``position``.
-        Returns the output and the fed tokens' (keys, values) stacked, (2, B, n_head, T, head_dim)."""
+        """x (B, T, C); past: (keys, values), each (B, n_head, S, head_dim), valid below ``position``
+        (0-d or (B,)). Returns the output and the fed tokens' (keys, values) stacked, (2, B, n_head, T, head_dim)."""
         b, t, c = x.shape
         heads = lambda y: y.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
@@ -65,7 +72,8 @@ class CausalSelfAttention(nn.Module):
             y = self.attn_drop(torch.softmax(att, dim=-1)) @ v
         else:
             past_k, past_v = past
-            earlier = torch.arange(past_k.shape[2], device=x.device) < position  # slots of earlier tokens
+            # slots of earlier tokens, per entry: (B or 1, 1, 1, S)
+            earlier = torch.arange(past_k.shape[2], device=x.device).view(1, 1, 1, -1) < position.view(-1, 1, 1, 1)
             att_past = (q @ past_k.transpose(-2, -1) * scale).masked_fill(~earlier, float("-inf"))
             weights = self.attn_drop(torch.softmax(torch.cat((att_past, att), dim=-1), dim=-1))
             slots = past_k.shape[2]
@@ -133,14 +141,15 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V), or (B, V) with ``last_only``; and the fed tokens' keys and
         values, (n_layer, 2, B, n_head, T, head_dim).
 
-        ``past``: per layer (keys, values) of the cache; ``position`` (0-d int64 tensor): where idx[:, 0]
-        sits. Without ``past`` the tokens sit at positions 0..T-1 and attend only to each other.
+        ``past``: per layer (keys, values) of the cache; ``position`` (int64, 0-d or (B,) per entry):
+        where idx[:, 0] sits. Without ``past`` the tokens sit at positions 0..T-1 and attend only to each other.
         """
         t = idx.shape[1]
         if past is None:
             pos = self.pos_emb[:, :t]
         else:
-            pos = self.pos_emb[0].index_select(0, position + torch.arange(t, device=idx.device)).unsqueeze(0)
+            slots = position.view(-1, 1) + torch.arange(t, device=idx.device)  # (B or 1, T)
+            pos = self.pos_emb[0][slots]
         x = self.drop(self.tok_emb(idx) + pos)
         new_kv = []
         for i, block in enumerate(self.blocks):
@@ -150,10 +159,17 @@ class GPT(nn.Module):
             x = x[:, -1]
         return self.head(self.ln_f(x)), torch.stack(new_kv)
 
-    def step(self, idx: torch.Tensor, cache: torch.Tensor, position: int, last_only: bool = True) -> torch.Tensor:
-        """Feed idx at ``position`` against ``cache`` (n_layer, 2, B, n_head, block, head_dim) and write
-        the fed tokens' keys and values into it, in place."""
-        past = [(layer[0], layer[1]) for layer in cache]
-        logits, new_kv = self(idx, past, torch.tensor(position, device=idx.device), last_only=last_only)
-        cache[:, :, :, :, position : position + idx.shape[1]] = new_kv
+    def step(self, idx: torch.Tensor, cache: torch.Tensor, position: int | Sequence[int] | np.ndarray, last_only: bool = True) -> torch.Tensor:
+        """Feed idx at ``position`` (one for all entries, or one per entry) against ``cache`` (n_layer,
+        2, B, n_head, block, head_dim) and write the fed tokens' keys and values into it, in place,
+        each entry's at its own position. Entries all at position 0 (a prefill) read no cache."""
+        positions = entry_positions(position, idx.shape[0])
+        check_fits(positions, idx.shape[1], self.config.block_size)
+        if not positions.any():
+            logits, new_kv = self(idx, last_only=last_only)
+        else:
+            past = [(layer[0], layer[1]) for layer in cache]
+            logits, new_kv = self(idx, past, torch.from_numpy(positions).to(idx.device), last_only=last_only)
+        write_new_kv(cache, new_kv, positions)
         return logits
+
