@@ -117,29 +117,26 @@ def run_original_subset(gpt, cond: np.ndarray, image: np.ndarray, spec: ModelSpe
 
 # --- the cached sampler -----------------------------------------------------------------------------
 
+NEEDS_CHECKPOINT = ("torch", "torch-shared", "ort-prefill")  # backends built from the torch model
+
+
 def load_backends(names: list[str], model: ModelPaths, threads: int | None, cache_dir: Path) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     for name in names:
-        if name == "torch":
-            if model.checkpoint is None:
-                note("no checkpoint: the torch backend is left out")
-                continue
+        if name in NEEDS_CHECKPOINT and model.checkpoint is None:
+            note(f"no checkpoint: the {name} backend is left out")
+        elif name == "torch":
             from taming_deploy.backends.torch_backend import TorchBackend
 
             backends[name] = TorchBackend.load(model.checkpoint)
+        elif name == "torch-shared":
+            backends[name] = prototypes.shared_position_torch_backend(model.checkpoint)
         elif name == "ort":
             backends[name] = OrtBackend(model.bundle, threads=threads)
-        elif name == "torch-shared":
-            if model.checkpoint is None:
-                note("no checkpoint: the torch-shared prototype is left out")
-                continue
-            backends[name] = prototypes.shared_position_torch_backend(model.checkpoint)
         elif name == "ort-shared":
             backends[name] = prototypes.SharedPositionOrtBackend(model.bundle, threads=threads)
         elif name == "ort-bound":
             backends[name] = prototypes.BoundOrtBackend(model.bundle, threads=threads)
-        elif model.checkpoint is None:
-            note("no checkpoint: the ort-prefill prototype is left out")
         else:
             graph = prototypes.cached_prefill_graph(model.checkpoint, cache_dir)
             backends[name] = prototypes.PrefillGraphOrtBackend(model.bundle, graph, threads=threads)
