@@ -16,6 +16,7 @@ from hostile import Case, copy_of, run_case, then, write
 
 GENERATE = "generate --model {checkpoint} --backend torch --cond {labels} --greedy"
 IMPORT = "import-taming {ckpt} --config {yaml}"
+TRAIN = "train vqgan --config {vqgan_config} --steps 1"
 
 
 def files(*names: str):
@@ -45,6 +46,9 @@ CASES = [
     Case("generate-no-extension", GENERATE + " --out {tmp}/x", ("unknown image file type",)),
     Case("generate-into-sysfs", GENERATE + " --out /sys/x.png", ("cannot write", "/sys/x.png")),  # read-only or root-only
     Case("generate-into-procfs", GENERATE + " --out /proc/x.png", ("cannot write", "/proc/x.png")),
+    Case("train-into-dir-with-user-files", TRAIN + " --out {tmp}/run", ("already holds files", "notes.txt"),
+         files("run/notes.txt", "run/train_config.json", "run/metrics.jsonl")),
+    Case("train-onto-a-file", TRAIN + " --out {tmp}/run", ("not a directory",), files("run")),
     Case("generate-tokens-onto-directory", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/d", ("is a directory",), files("d/k")),
 ]
 
@@ -52,7 +56,8 @@ CASES = [
 @pytest.fixture
 def names(imported_checkpoint, label_png, reference_dir):
     return {"checkpoint": imported_checkpoint, "labels": label_png, "ckpt": reference_dir / "last.ckpt",
-            "yaml": reference_dir / "project.yaml"}
+            "yaml": reference_dir / "project.yaml",
+            "vqgan_config": Path(__file__).resolve().parents[1] / "training" / "configs" / "default_vqgan.yaml"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
