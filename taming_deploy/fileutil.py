@@ -206,13 +206,26 @@ def check_output_file(target: Path) -> None:
     try:
         mode = os.stat(target).st_mode
     except FileNotFoundError:
-        return
+        mode = None
     except OSError as exc:
         raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(mode):
+    if mode is not None and stat.S_ISDIR(mode):
         raise UserError(f"{target} is a directory; name an output file")
-    if not stat.S_ISREG(mode):
+    if mode is not None and not stat.S_ISREG(mode):
         raise UserError(f"{target} exists and is not a regular file (a device, pipe or socket); name an output file")
+    check_can_create_in(ancestor, target)
+
+
+def check_can_create_in(directory: Path, target: Path) -> None:
+    """Create and remove a temporary file in ``directory``: a read-only file system, missing permissions or
+    a pseudo file system (/proc) is found here, before the work, not when the result is written. (Permission
+    bits alone do not tell: root passes them, and /proc refuses new files whatever they say.)"""
+    try:
+        fd, name = tempfile.mkstemp(prefix=temp_prefix("tmp", target), dir=directory)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 @contextlib.contextmanager

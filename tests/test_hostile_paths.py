@@ -65,6 +65,13 @@ def test_hostile_output_path(case, tmp_path, names):
     run_case(case, tmp_path, names)
 
 
+def test_an_unwritable_out_is_found_before_sampling(tmp_path):
+    """The embedded model prints its backend line when sampling starts: one line of error means none began."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "landscape_01.png"
+    proc = run_cli("generate", "--cond", str(example), "--out", "/proc/x.png")
+    assert_one_line_error(proc, "cannot write", "/proc/x.png")
+
+
 def test_device_node_is_never_replaced(names, tmp_path):
     before = os.stat("/dev/null")
     proc = run_cli(*GENERATE.format(**names).split(), "--out", "/dev/null")
