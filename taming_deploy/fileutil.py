@@ -63,13 +63,13 @@ def check_replaceable(target: Path, inputs: Iterable[Path] = ()) -> None:
         source_resolved = Path(source).resolve()
         if source_resolved == resolved or source_resolved.is_relative_to(resolved):
             raise UserError(f"{target}: the output directory would replace the input {source}; choose another --out")
-    if not os.path.lexists(target):
-        return
-    if target.is_symlink() or not target.is_dir():
-        raise UserError(f"{target} exists and is not a directory; choose another --out or remove it")
-    if foreign := foreign_entries(target):
-        shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 3 else "")
-        raise UserError(f"{target} already holds files taming-deploy did not write ({shown}); choose another --out or empty it")
+    if os.path.lexists(target):
+        if target.is_symlink() or not target.is_dir():
+            raise UserError(f"{target} exists and is not a directory; choose another --out or remove it")
+        if foreign := foreign_entries(target):
+            shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 3 else "")
+            raise UserError(f"{target} already holds files taming-deploy did not write ({shown}); choose another --out or empty it")
+    check_can_create_in(existing_ancestor(target), target)
 
 
 def pid_alive(pid: int) -> bool:
@@ -198,11 +198,7 @@ def check_output_file(target: Path) -> None:
         raise UserError(f"output path {str(target)!r} names no file")
     if len(os.fsencode(target.name)) > NAME_MAX:
         raise UserError(f"{target.name[:40]}...: file name too long ({len(os.fsencode(target.name))} bytes, at most {NAME_MAX})")
-    ancestor = target.parent
-    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"cannot write {target}: {ancestor} is not a directory")
+    ancestor = existing_ancestor(target)
     try:
         mode = os.stat(target).st_mode
     except FileNotFoundError:
@@ -214,6 +210,16 @@ def check_output_file(target: Path) -> None:
     if mode is not None and not stat.S_ISREG(mode):
         raise UserError(f"{target} exists and is not a regular file (a device, pipe or socket); name an output file")
     check_can_create_in(ancestor, target)
+
+
+def existing_ancestor(target: Path) -> Path:
+    """The nearest existing directory above ``target``, where its writer's temporaries (and missing parents) go."""
+    ancestor = target.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {target}: {ancestor} is not a directory")
+    return ancestor
 
 
 def check_can_create_in(directory: Path, target: Path) -> None:

@@ -48,6 +48,9 @@ CASES = [
     Case("generate-into-procfs", GENERATE + " --out /proc/x.png", ("cannot write", "/proc/x.png")),
     Case("train-into-dir-with-user-files", TRAIN + " --out {tmp}/run", ("already holds files", "notes.txt"),
          files("run/notes.txt", "run/train_config.json", "run/metrics.jsonl")),
+    Case("train-into-procfs", TRAIN + " --out /proc/taming-run", ("cannot write", "/proc/taming-run")),
+    Case("export-into-procfs", "export {checkpoint} --out /proc/taming-bundle --no-fp16", ("cannot write", "/proc/taming-bundle")),
+    Case("import-into-procfs", IMPORT + " --out /proc/taming-ckpt", ("cannot write", "/proc/taming-ckpt")),
     Case("train-onto-a-file", TRAIN + " --out {tmp}/run", ("not a directory",), files("run")),
     Case("generate-tokens-onto-directory", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/d", ("is a directory",), files("d/k")),
 ]

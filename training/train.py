@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from taming_deploy.errors import UserError
+from taming_deploy.fileutil import check_can_create_in, existing_ancestor
 from taming_deploy.training import distributed
 from taming_deploy.training.data.sources import open_source
 from taming_deploy.training.loop import LAST, run_training
@@ -21,15 +22,15 @@ from taming_deploy.training.train_config import TrainConfig
 def check_new_run_dir(out: Path) -> None:
     """A new run writes train_config.json, metrics.jsonl, checkpoints and tensorboard/ into ``out``: only
     a new or empty directory may take them, so that no user file and no earlier run is overwritten."""
-    if not os.path.lexists(out):
-        return
-    if out.is_symlink() or not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; choose another --out")
-    if (out / LAST).exists():
-        raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
-    if entries := sorted(entry.name for entry in out.iterdir()):
-        shown = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" if len(entries) > 3 else "")
-        raise UserError(f"{out} already holds files ({shown}); a new run needs a new or empty --out")
+    if os.path.lexists(out):
+        if out.is_symlink() or not out.is_dir():
+            raise UserError(f"{out} exists and is not a directory; choose another --out")
+        if (out / LAST).exists():
+            raise UserError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+        if entries := sorted(entry.name for entry in out.iterdir()):
+            shown = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" if len(entries) > 3 else "")
+            raise UserError(f"{out} already holds files ({shown}); a new run needs a new or empty --out")
+    check_can_create_in(out if out.is_dir() else existing_ancestor(out), out / "train_config.json")
 
 
 def train(cfg: TrainConfig, data: str, out: Path, resume: bool = False, echo: Callable[[str], None] = print) -> Path:
