@@ -167,6 +167,7 @@ def build_engines(
     workspace_gib: float = 4.0,
     opt_level: int = 3,
     log: Callable[[str], None] = lambda message: None,
+    force: bool = False,
 ) -> Path:
     """Build one engine per graph of ``precision`` (None: :func:`default_precision`) into the bundle's
     engines folder (``engine_manifest.engines_dir``: BUNDLE/engines, or the user's cache for the
@@ -175,7 +176,8 @@ def build_engines(
 
     ``max_size`` = (width, height) in pixels and ``max_batch`` bound the shapes the engines accept.
     Raises UserError (one line) for a missing TensorRT/cuda-python/GPU, a bad option or bundle, or
-    a graph TensorRT cannot parse or build.
+    a graph TensorRT cannot parse or build. ``force``: an engines folder holding other files is written
+    into, keeping them.
     """
     bundle_dir = Path(bundle_dir)
     check_options(precision, workspace_gib, opt_level)
@@ -199,7 +201,7 @@ def build_engines(
     builder = _Builder(trt, reusable_timing_cache(bundle_dir, environment), precision, workspace_gib, opt_level)
     target = engines_dir(bundle_dir)
     entries: dict[str, EngineEntry] = {}
-    with atomic_directory(target) as tmp, tempfile.TemporaryDirectory(prefix="taming-deploy-build-") as scratch:
+    with atomic_directory(target, force=force) as tmp, tempfile.TemporaryDirectory(prefix="taming-deploy-build-") as scratch:
         for name in names:
             graph = bundle.graph(name, precision)
             profiles = graph_profiles(name, graph, bundle.spec, limits)

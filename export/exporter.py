@@ -150,19 +150,21 @@ def export_bundle(
     echo: Callable[[str], None] = print,
     decoder: Path | None = None,
     int8_weights: bool = False,
+    force: bool = False,
 ) -> Manifest:
     """``decoder``: a decoder fine-tune of the checkpoint's first stage whose decoder replaces the checkpoint's.
     ``int8_weights``: store the fp32 graphs' large weights as int8 (about 4x smaller files; see
-    export/int8_weights.py); the fp16 graphs, which TensorRT builds from, keep theirs."""
+    export/int8_weights.py); the fp16 graphs, which TensorRT builds from, keep theirs. ``force``: ``out_dir``
+    may hold files of the user's, which are kept beside the bundle's (see fileutil.atomic_directory)."""
     started = time.perf_counter()
     inputs = [Path(checkpoint_dir)] + ([Path(decoder)] if decoder else []) + ([] if calibration == SYNTHETIC else [Path(calibration)])
-    check_replaceable(Path(out_dir), inputs)  # before the minutes of export, not only at the end
+    check_replaceable(Path(out_dir), inputs, force)  # before the minutes of export, not only at the end
     model = load_model(Path(checkpoint_dir))
     if decoder is not None:
         replace_decoder(model, load_model(Path(decoder)), Path(decoder))
     spec = model.config.spec()
     calib = calibration_set(calibration, spec, count=calibration_count)
-    with atomic_directory(Path(out_dir), inputs) as tmp:
+    with atomic_directory(Path(out_dir), inputs, force) as tmp:
         graphs: dict[str, dict[str, GraphFile]] = {}
         checks: list[Check] = []
         defs = graph_defs(model)

@@ -19,6 +19,8 @@ from taming_deploy.errors import UserError
 from taming_deploy.validation import parse_size
 from taming_deploy.validation import DEFAULT_MAX_PIXELS
 
+Force = Annotated[bool, typer.Option("--force", help="Also replace outputs taming-deploy did not write (in a directory: only the entries this command writes; other files are kept)")]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -100,13 +102,14 @@ def import_taming_command(
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow arbitrary unpickling (can run code from the file)")
     ] = False,
+    force: Force = False,
 ) -> None:
     """Convert a checkpoint of the original Taming Transformers into this project's format."""
     try:
         from taming_deploy.training.import_taming import import_taming
     except ImportError:
         raise UserError("import-taming needs PyTorch: pip install 'taming-deploy[train]'") from None
-    cfg = import_taming(ckpt, config, out, trust_pickle=trust_pickle)
+    cfg = import_taming(ckpt, config, out, trust_pickle=trust_pickle, force=force)
     stages = [name for name in ("first_stage", "condition", "transformer") if getattr(cfg, name) is not None]
     typer.echo(f"wrote {out} ({', '.join(stages)})")
 
@@ -132,10 +135,12 @@ def generate(
     save_tokens: Annotated[Optional[Path], typer.Option(help="Save the sampled token grid (.npy)")] = None,
     stats: Annotated[Optional[Path], typer.Option(help="Write timing and call counts (.json)")] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse batches (n x width x height) and condition images beyond this many pixels")] = DEFAULT_MAX_PIXELS,
+    force: Force = False,
 ) -> None:
     """Generate images from a condition by sliding-window sampling."""
     from taming_deploy.fileutil import atomic_file, check_output_file
     from taming_deploy.images import grid as make_grid
+    from taming_deploy.output_marks import marked_document
     from taming_deploy.images import output_format, save_image
     from taming_deploy.pipeline import Pipeline
     from taming_deploy.progress import progress_bar
@@ -156,7 +161,7 @@ def generate(
     paths = [out] if one_file else [out.with_name(f"{out.stem}_{k:03d}{out.suffix}") for k in range(n)]
     for path in [*paths, save_tokens, stats]:
         if path is not None:
-            check_output_file(path)  # before minutes of sampling, not after
+            check_output_file(path, force)  # before minutes of sampling, not after
     fmt = output_format(out)
     notes: list[str] = []  # shown once sampling starts, so that an error in the inputs stays the only line
     pipeline = Pipeline.load(model, backend, note=notes.append)  # type: ignore[arg-type]
@@ -195,16 +200,16 @@ def generate(
     show_notes_once()
     images = [result.images[0] if n == 1 else make_grid(result.images)] if one_file else result.images
     for path, image in zip(paths, images):
-        with atomic_file(path) as tmp:
+        with atomic_file(path, force) as tmp:
             save_image(image, tmp, fmt)
     written = [str(path) for path in paths]
     if save_tokens is not None:
-        with atomic_file(save_tokens) as tmp:
+        with atomic_file(save_tokens, force) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, result.tokens[0] if n == 1 else result.tokens)
     if stats is not None:
-        with atomic_file(stats) as tmp:
-            tmp.write_text(json.dumps(result.stats, indent=2))
+        with atomic_file(stats, force) as tmp:
+            tmp.write_text(json.dumps(marked_document(result.stats), indent=2))
     s = result.stats
     typer.echo(
         f"wrote {', '.join(written)} on {s['backend']}: {s['tokens']} tokens in {s['sample_seconds']:.2f} s "
@@ -223,13 +228,14 @@ def export_command(
     fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="Also write fp16 graphs")] = True,
     decoder: Annotated[Optional[Path], typer.Option(help="Take the decoder from this VQGAN checkpoint (a decoder fine-tune of the model's first stage)")] = None,
     int8_weights: Annotated[bool, typer.Option("--int8-weights", help="Store the fp32 graphs' weights as int8 (about 4x smaller, for ONNX Runtime; validated against fp32)")] = False,
+    force: Force = False,
 ) -> None:
     """Export a checkpoint to a bundle of validated ONNX graphs (fp32 and fp16)."""
     try:
         from taming_deploy.export.exporter import export_bundle
     except ImportError as exc:
         raise UserError(f"export needs the export extra ({exc.name} is missing): pip install 'taming-deploy[export]'") from None
-    manifest = export_bundle(model, out, calibration=calibration, calibration_count=calibration_count, fp16=fp16, echo=typer.echo, decoder=decoder, int8_weights=int8_weights)
+    manifest = export_bundle(model, out, calibration=calibration, calibration_count=calibration_count, fp16=fp16, echo=typer.echo, decoder=decoder, int8_weights=int8_weights, force=force)
     typer.echo(f"wrote {out} ({', '.join(manifest.graphs)}; validation passed)")
 
 
@@ -240,6 +246,7 @@ def info(
     legend: Annotated[Optional[Path], typer.Option(help="Also draw the model's labels (id, name, colour swatch) into this PNG")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text")] = False,
     system: Annotated[bool, typer.Option("--system", help="Describe this machine instead: TensorRT, CUDA, GPU, ONNX Runtime")] = False,
+    force: Force = False,
 ) -> None:
     """Print what a bundle or checkpoint holds, with the id, name and colour of every label (or, with
     --system, what this machine has)."""
@@ -249,6 +256,12 @@ def info(
     if system:
         print_system_info(path, as_json)
         return
+    if legend is not None:
+        from taming_deploy.fileutil import check_output_file
+        from taming_deploy.images import output_format
+
+        output_format(legend)
+        check_output_file(legend, force)
     if as_json:
         from taming_deploy.info_json import describe_json
 
@@ -257,18 +270,19 @@ def info(
         for line in describe(path):
             typer.echo(line)
     if legend is not None:
-        write_legend(model_condition(path), legend)
+        write_legend(model_condition(path), legend, force)
         typer.echo(f"wrote {legend}", err=as_json)
 
 
-def write_legend(cond: Any, out: Path) -> None:
-    """``info --legend``: the label swatches of ``cond`` (a ConditionSpec) as a PNG."""
+def write_legend(cond: Any, out: Path, force: bool) -> None:
+    """``info --legend``: the label swatches of ``cond`` (a ConditionSpec) as an image."""
     from taming_deploy.fileutil import atomic_file
+    from taming_deploy.images import output_format, save_image
     from taming_deploy.labels import legend_image
 
     image = legend_image(cond)
-    with atomic_file(out) as tmp:
-        image.save(tmp, format="PNG")
+    with atomic_file(out, force) as tmp:
+        save_image(image, tmp, output_format(out))
 
 
 def print_system_info(path: Optional[Path], as_json: bool) -> None:
@@ -305,6 +319,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Override train.batch_size (per process)")] = None,
     first_stage: Annotated[Optional[Path], typer.Option(help="transformer: trained VQGAN checkpoint")] = None,
     cond_stage: Annotated[Optional[Path], typer.Option(help="transformer: trained condition checkpoint")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start a new run in a directory that holds files: the entries a run writes are replaced, other files kept")] = False,
 ) -> None:
     """Train one stage; run under `torchrun --nproc_per_node N` for data-parallel training."""
     if stage not in ("vqgan", "cond", "transformer"):
@@ -317,7 +332,7 @@ def train(
     cfg = load_train_config(config, stage, {"steps": steps, "batch_size": batch_size})
     cfg.first_stage = first_stage or cfg.first_stage
     cfg.cond_stage = cond_stage or cfg.cond_stage
-    final = run(cfg, data, out, resume=resume, echo=typer.echo)
+    final = run(cfg, data, out, resume=resume, echo=typer.echo, force=force)
     typer.echo(f"finished: {final}")
 
 
@@ -330,6 +345,7 @@ def build(
     max_batch: Annotated[int, typer.Option(help="Largest batch (-n) the engines accept")] = 4,
     workspace_gib: Annotated[float, typer.Option(help="TensorRT workspace memory limit (GiB)")] = 4.0,
     opt_level: Annotated[int, typer.Option(help="TensorRT builder optimisation level (0-5)")] = 3,
+    force: Force = False,
 ) -> None:
     """Build TensorRT engines for this machine's GPU from a bundle (kept in BUNDLE/engines; for the
     embedded model in the user's cache, $XDG_CACHE_HOME/taming-deploy/engines)."""
@@ -341,7 +357,7 @@ def build(
     size = parse_size(max_size)
     assert size is not None
     out = build_engines(bundle or DEFAULT_MODEL, precision=precision, max_size=size, max_batch=max_batch, workspace_gib=workspace_gib,
-                        opt_level=opt_level, log=typer.echo)
+                        opt_level=opt_level, log=typer.echo, force=force)
     typer.echo(f"wrote {out}")
 
 
@@ -362,6 +378,7 @@ def eval_command(
     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results (.json), replaced after each part")] = None,
     save_images: Annotated[Optional[Path], typer.Option(help="Folder for labels/real/generated comparison PNGs")] = None,
+    force: Force = False,
 ) -> None:
     """Reconstruction PSNR/LPIPS on held-out scenes and label-following accuracy/mIoU of generated images.
 
@@ -382,7 +399,7 @@ def eval_command(
              label_count=label_count if label_count is not None else preset["label_count"],
              sizes=sizes if sizes is not None else preset["sizes"], seed=seed, backend=backend, mode=mode,
              top_k=top_k or None, json_out=json_out, save_dir=save_images, threads=threads,
-             bar=progress_bar, echo=typer.echo)
+             bar=progress_bar, echo=typer.echo, force=force)
 
 
 @app.command()

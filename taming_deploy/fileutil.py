@@ -3,8 +3,11 @@
 Every directory taming-deploy writes (checkpoint, bundle, engines, training state) carries a marker file,
 ``.taming-deploy-output``, listing the entries it wrote. An existing ``--out`` is replaced only when it is
 such an output and holds nothing else (or is empty), so a mistyped ``--out`` never deletes a user's files,
-and never a directory that holds one of the command's inputs. Writers hold a lock beside the target, name
-their temporary directories with their pid, and remove the ones that killed writers left behind.
+and never a directory that holds one of the command's inputs. With ``force`` a directory holding other
+files is accepted too, and only the command's own entries are replaced: the other entries move into the
+new directory before it is renamed in (journaled, so that a writer killed in between loses none of them).
+Files follow the same rule through their marks (see ``output_marks``). Writers hold a lock beside the
+target, name their temporary directories with their pid, and clean up after the ones that were killed.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from taming_deploy.errors import UserError
+from taming_deploy.output_marks import is_own_file
 
 OUTPUT_MARKER = ".taming-deploy-output"
+CARRIED_JOURNAL = ".taming-deploy-carried"  # in a temporary output: the entries moved into it from the target
 WRITE_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST,
                 errno.EACCES, errno.EPERM, errno.EISDIR)
 TEMP_NAME_CHARS = 48
@@ -37,7 +42,7 @@ def default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-WRITER_LEFTOVER = re.compile(r"\.(tmp|old)-.+-\d+-.+|\..+\.lock")  # what a writer killed inside an output leaves
+WRITER_LEFTOVER = re.compile(r"\.(tmp|old)-.+-\d+-.+|\..+\.lock|\.taming-deploy-carried")  # what a writer killed inside an output leaves
 
 
 def foreign_entries(path: Path) -> list[str]:
@@ -54,9 +59,9 @@ def foreign_entries(path: Path) -> list[str]:
             and not WRITER_LEFTOVER.fullmatch(entry.name)]
 
 
-def check_replaceable(target: Path, inputs: Iterable[Path] = ()) -> None:
+def check_replaceable(target: Path, inputs: Iterable[Path] = (), force: bool = False) -> None:
     """Raise UserError unless ``target`` may be replaced: absent, an empty directory or an earlier output of
-    ours, and holding none of ``inputs``."""
+    ours (with ``force``, any directory), and holding none of ``inputs``."""
     target = Path(target)
     resolved = target.resolve()
     for source in inputs:
@@ -66,9 +71,10 @@ def check_replaceable(target: Path, inputs: Iterable[Path] = ()) -> None:
     if os.path.lexists(target):
         if target.is_symlink() or not target.is_dir():
             raise UserError(f"{target} exists and is not a directory; choose another --out or remove it")
-        if foreign := foreign_entries(target):
+        if not force and (foreign := foreign_entries(target)):
             shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 3 else "")
-            raise UserError(f"{target} already holds files taming-deploy did not write ({shown}); choose another --out or empty it")
+            raise UserError(f"{target} already holds files taming-deploy did not write ({shown}); choose another --out, "
+                            "or pass --force to write into it (its other files are kept)")
     check_can_create_in(existing_ancestor(target), target)
 
 
@@ -87,15 +93,49 @@ def temp_prefix(kind: str, target: Path) -> str:
 
 
 def remove_stale_temporaries(target: Path) -> None:
-    """Remove temporary siblings of ``target`` whose writer (the pid in their name) is gone."""
+    """Remove temporary siblings of ``target`` whose writer (the pid in their name) is gone, first giving
+    back what a killed ``force`` writer had carried into one (see ``restore_carried``)."""
     pattern = re.compile(rf"\.(tmp|old)-{re.escape(target.name[:TEMP_NAME_CHARS])}-(\d+)-")
-    for sibling in target.parent.iterdir():
-        match = pattern.match(sibling.name)
-        if match and int(match.group(2)) != os.getpid() and not pid_alive(int(match.group(2))):
-            if sibling.is_dir() and not sibling.is_symlink():
-                shutil.rmtree(sibling, ignore_errors=True)
-            else:
-                sibling.unlink(missing_ok=True)
+    stale = [sibling for sibling in target.parent.iterdir()
+             if (match := pattern.match(sibling.name)) and int(match.group(2)) != os.getpid() and not pid_alive(int(match.group(2)))]
+    for sibling in stale:
+        if (sibling / CARRIED_JOURNAL).is_file():
+            restore_carried(sibling, target)
+    for sibling in stale:
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+
+
+def restore_carried(tmp: Path, target: Path) -> None:
+    """Undo a killed writer's carry: the user's entries it had moved from ``target`` into its finished
+    temporary output ``tmp`` go back. If it died after moving ``target`` aside, ``tmp`` (complete: the
+    journal is written only after the output is) becomes ``target``."""
+    if not os.path.lexists(target):
+        os.replace(tmp, target)
+        (target / CARRIED_JOURNAL).unlink()
+        fsync_path(target.parent)
+        return
+    for name in json.loads((tmp / CARRIED_JOURNAL).read_text())["entries"]:
+        if os.path.lexists(tmp / name) and not os.path.lexists(target / name):
+            os.replace(tmp / name, target / name)
+    fsync_path(target)
+
+
+def carry_foreign_entries(target: Path, tmp: Path) -> None:
+    """Move the entries of ``target`` that taming-deploy did not write, and that the new output ``tmp``
+    does not replace, into ``tmp``: after the rename they are where they were. The journal goes first."""
+    carried = [name for name in foreign_entries(target) if not os.path.lexists(tmp / name)]
+    if not carried:
+        return
+    (tmp / CARRIED_JOURNAL).write_text(json.dumps({"entries": carried}) + "\n")
+    fsync_path(tmp / CARRIED_JOURNAL)
+    fsync_path(tmp)
+    for name in carried:
+        os.replace(target / name, tmp / name)
+    fsync_path(target)
+    fsync_path(tmp)
 
 
 @contextlib.contextmanager
@@ -151,12 +191,13 @@ def writing(target: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+def atomic_directory(target: Path, inputs: Iterable[Path] = (), force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; on success it replaces ``target``.
 
-    ``target`` must be absent, empty, or an earlier output of taming-deploy (see ``check_replaceable``),
-    and must not hold any of ``inputs``. If the body raises (or the process dies), ``target`` is untouched
-    and the temporary directory is removed (after a hard kill, by the next writer of ``target``). The new
+    ``target`` must be absent, empty, or an earlier output of taming-deploy (with ``force``, any
+    directory: entries the new output does not replace are kept), and must not hold any of ``inputs``
+    (see ``check_replaceable``). If the body raises (or the process dies), ``target`` is untouched and the
+    temporary directory is removed (after a hard kill, by the next writer of ``target``). The new
     directory and its files are fsynced before the rename, an existing ``target`` is moved aside, the new
     one renamed in, the parent fsynced, and only then the old one deleted.
     """
@@ -165,8 +206,8 @@ def atomic_directory(target: Path, inputs: Iterable[Path] = ()) -> Iterator[Path
         target.parent.mkdir(parents=True, exist_ok=True)
     inputs = list(inputs)
     with writing(target), output_lock(target):
-        check_replaceable(target, inputs)
         remove_stale_temporaries(target)
+        check_replaceable(target, inputs, force)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("tmp", target), dir=target.parent))
         try:
             yield tmp
@@ -176,8 +217,12 @@ def atomic_directory(target: Path, inputs: Iterable[Path] = ()) -> Iterator[Path
             for path in tmp.rglob("*"):
                 path.chmod(default_mode(directory=path.is_dir()))
             fsync_tree(tmp)
-            check_replaceable(target, inputs)  # again: the body may have run for hours
+            check_replaceable(target, inputs, force)  # again: the body may have run for hours
+            if force and target.is_dir():
+                carry_foreign_entries(target, tmp)
         except BaseException:
+            if (tmp / CARRIED_JOURNAL).is_file():
+                restore_carried(tmp, target)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         old = None
@@ -186,13 +231,14 @@ def atomic_directory(target: Path, inputs: Iterable[Path] = ()) -> Iterator[Path
             os.replace(target, old / target.name)
         os.replace(tmp, target)
         fsync_path(target.parent)
+        (target / CARRIED_JOURNAL).unlink(missing_ok=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output_file(target: Path) -> None:
-    """Raise UserError unless ``target`` names a file we may create or replace (a regular file, not a
-    directory, device, pipe or socket)."""
+def check_output_file(target: Path, force: bool = False) -> None:
+    """Raise UserError unless ``target`` names a file we may create or replace: absent, or a regular file
+    (not a directory, device, pipe or socket) that taming-deploy wrote (with ``force``, any regular file)."""
     target = Path(target)
     if not target.name or target.name in (".", ".."):
         raise UserError(f"output path {str(target)!r} names no file")
@@ -209,6 +255,8 @@ def check_output_file(target: Path) -> None:
         raise UserError(f"{target} is a directory; name an output file")
     if mode is not None and not stat.S_ISREG(mode):
         raise UserError(f"{target} exists and is not a regular file (a device, pipe or socket); name an output file")
+    if mode is not None and not force and not is_own_file(target):
+        raise UserError(f"{target} exists and taming-deploy did not write it; choose another name, or pass --force to replace it")
     check_can_create_in(ancestor, target)
 
 
@@ -235,14 +283,14 @@ def check_can_create_in(directory: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
+def atomic_file(target: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed over ``target``.
 
-    ``target`` must be absent or a regular file (``check_output_file``); a failure to write ends in a
-    UserError naming it, and never leaves the temporary file behind.
+    ``target`` must be absent or a file we may replace (``check_output_file``); a failure to write ends
+    in a UserError naming it, and never leaves the temporary file behind.
     """
     target = Path(target)
-    check_output_file(target)
+    check_output_file(target, force)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target)
@@ -256,7 +304,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
             yield tmp
             tmp.chmod(default_mode(directory=False))
             fsync_path(tmp)
-            check_output_file(target)
+            check_output_file(target, force)
             os.replace(tmp, target)
             fsync_path(target.parent)
         finally:

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from taming_deploy.errors import UserError
+from taming_deploy.output_marks import image_save_options
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output file suffix -> Pillow format
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
@@ -21,7 +22,8 @@ def output_format(path: Path) -> str:
 
 
 def save_image(image: Image.Image, path: Path, fmt: str) -> None:
-    image.save(path, format=fmt, **SAVE_OPTIONS.get(fmt, {}))
+    """Write ``image`` as ``fmt``, marked as ours (so that a later run may replace it without --force)."""
+    image.save(path, format=fmt, **SAVE_OPTIONS.get(fmt, {}), **image_save_options())
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

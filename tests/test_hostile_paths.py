@@ -53,6 +53,22 @@ CASES = [
     Case("import-into-procfs", IMPORT + " --out /proc/taming-ckpt", ("cannot write", "/proc/taming-ckpt")),
     Case("train-onto-a-file", TRAIN + " --out {tmp}/run", ("not a directory",), files("run")),
     Case("generate-tokens-onto-directory", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/d", ("is a directory",), files("d/k")),
+    Case("generate-onto-a-user-file", GENERATE + " --out {tmp}/photo.png", ("photo.png", "did not write", "--force"), files("photo.png")),
+    Case("generate-stats-onto-a-user-file", GENERATE + " --out {tmp}/o.png --stats {tmp}/s.json", ("s.json", "--force"), files("s.json")),
+    Case("generate-tokens-onto-an-npy", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/t.npy", ("t.npy", "--force"), files("t.npy")),
+    Case("generate-force-onto-directory", GENERATE + " --out {tmp}/d --force", ("is a directory",), files("d/keep.png")),
+    Case("generate-force-onto-device", GENERATE + " --out /dev/null --force", ("not a regular file",)),
+    Case("legend-onto-a-user-file", "info {checkpoint} --legend {tmp}/legend.png", ("legend.png", "--force"), files("legend.png")),
+    Case("legend-unknown-extension", "info {checkpoint} --legend {tmp}/legend.txt", ("unknown image file type",)),
+    Case("eval-json-onto-a-user-file", "eval --quick --what labels --json {tmp}/r.json", ("r.json", "--force"), files("r.json")),
+    Case("eval-images-onto-a-file", "eval --quick --what labels --save-images {tmp}/ex", ("not a directory",), files("ex")),
+    Case("eval-images-onto-a-user-png", "eval --quick --what labels --save-images {tmp}/ex", ("labels_256x256_000.png", "--force"),
+         files("ex/labels_256x256_000.png")),
+    Case("import-force-into-dir-holding-its-input", "import-taming {tmp}/in/last.ckpt --config {yaml} --out {tmp}/in --force", ("input",),
+         then(write("in/keep", "x"), copy_of("ckpt", "in/last.ckpt"))),
+    Case("export-force-onto-a-file", "export {checkpoint} --out {tmp}/b --no-fp16 --force", ("not a directory",), files("b")),
+    Case("train-force-with-resume", TRAIN + " --out {tmp}/run --resume --force", ("--force", "--resume"), files("run/notes.txt")),
+    Case("train-force-onto-a-file", TRAIN + " --out {tmp}/run --force", ("not a directory",), files("run")),
 ]
 
 

@@ -25,11 +25,12 @@ from taming_deploy.training.models.net2net import TamingModel
 
 
 def save_checkpoint(path: Path, config: ModelConfig, state_dict: dict[str, torch.Tensor], extra: dict | None = None,
-                    inputs: Iterable[Path] = ()) -> None:
+                    inputs: Iterable[Path] = (), force: bool = False) -> None:
     """Write config + weights atomically; ``extra`` (e.g. training step) goes into config.json. ``inputs``:
-    files the checkpoint was made from, which ``path`` must not hold (see fileutil.atomic_directory)."""
+    files the checkpoint was made from, which ``path`` must not hold; ``force``: ``path`` may hold other files,
+    which are kept (see fileutil.atomic_directory)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_directory(Path(path), inputs) as tmp:
+    with atomic_directory(Path(path), inputs, force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), **(extra or {})}, indent=2))
 

@@ -255,8 +255,9 @@ def is_training_only(key: str) -> bool:
     return key.startswith("loss.") or ".loss." in key
 
 
-def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool = False) -> ModelConfig:
-    check_replaceable(Path(out), (ckpt, project_yaml))  # before reading a checkpoint of gigabytes
+def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool = False, force: bool = False) -> ModelConfig:
+    """``force``: write into an ``out`` that holds other files (only the checkpoint's own are replaced)."""
+    check_replaceable(Path(out), (ckpt, project_yaml), force)  # before reading a checkpoint of gigabytes
     raw = read_project_yaml(project_yaml)
     try:
         config, prefix = model_config(raw, Path(project_yaml))
@@ -271,5 +272,5 @@ def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool 
     model = TamingModel(config)
     check_state_dict(model, state, str(ckpt))
     model.load_state_dict(state, strict=True)
-    save_checkpoint(out, config, model.state_dict(), inputs=(ckpt, project_yaml))
+    save_checkpoint(out, config, model.state_dict(), inputs=(ckpt, project_yaml), force=force)
     return config

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ import numpy as np
 import torch
 
 from taming_deploy.errors import UserError
-from taming_deploy.fileutil import atomic_file
+from taming_deploy.fileutil import atomic_file, check_can_create_in, check_output_file, existing_ancestor
+from taming_deploy.images import save_image
+from taming_deploy.output_marks import marked_document
 from taming_deploy.spec import ConditionSpec
 from taming_deploy.model_paths import DEFAULT_MODEL, is_bundle, is_checkpoint
 from taming_deploy.progress import ProgressCallback
@@ -178,15 +181,30 @@ def evaluate_reconstruction(path: Path | str | None, count: int = 64, size: int 
 # --- label following -----------------------------------------------------------------------------------
 
 
+def example_name(size: tuple[int, int], k: int) -> str:
+    return f"labels_{size[0]}x{size[1]}_{k:03d}.png"
+
+
+def check_example_files(directory: Path, sizes: Sequence[tuple[int, int]], count: int, force: bool) -> None:
+    """Before the work: ``directory`` is absent or a writable directory, and every example PNG the run
+    will write there is absent, ours, or (with ``force``) any regular file."""
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise UserError(f"{directory} exists and is not a directory; name a folder for the example images")
+    check_can_create_in(directory if directory.is_dir() else existing_ancestor(directory), directory / example_name(sizes[0], 0))
+    for size in sizes:
+        for k in range(count):
+            check_output_file(directory / example_name(size, k), force)
+
+
 def _save_example(directory: Path, size: tuple[int, int], k: int, labels: np.ndarray, real: np.ndarray,
-                  generated: np.ndarray, seen_generated: np.ndarray, seen_real: np.ndarray) -> None:
+                  generated: np.ndarray, seen_generated: np.ndarray, seen_real: np.ndarray, force: bool) -> None:
     """One PNG per map: top row labels | real | generated, bottom row what the segmenter saw in each."""
     from PIL import Image
 
     top = np.concatenate([colorize(labels), real, generated], axis=1)
     bottom = np.concatenate([colorize(labels), colorize(seen_real), colorize(seen_generated)], axis=1)
-    directory.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate([top, bottom], axis=0)).save(directory / f"labels_{size[0]}x{size[1]}_{k:03d}.png")
+    with atomic_file(directory / example_name(size, k), force) as tmp:
+        save_image(Image.fromarray(np.concatenate([top, bottom], axis=0)), tmp, "PNG")
 
 
 def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
@@ -194,7 +212,7 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
                              top_k: int | None = 100, segmenter: Segmenter | None = None,
                              save_dir: Path | None = None, bar: ProgressBar = no_bar, pipeline=None,
                              reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
-                             on_size: Callable[[dict], None] | None = None) -> dict:
+                             on_size: Callable[[dict], None] | None = None, force: bool = False) -> dict:
     """Pixel accuracy and mIoU of the segmenter on generated images against their input label maps.
 
     ``sizes``: (width, height) pairs, multiples of the model's downsampling factor; for each, the label
@@ -205,7 +223,8 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
     loading ``model_path`` with ``backend``. ``reconstruct``: the model's first stage, images (B, 3, H, W)
     in [-1, 1] -> reconstructions; when given, each size also reports "reconstructed", the segmenter's
     scores on reconstructions of the real renders. ``on_size``: called with the results so far after
-    each size (the returned dict, its "sizes" filled up to that size).
+    each size (the returned dict, its "sizes" filled up to that size). ``force``: example PNGs in
+    ``save_dir`` replace files of the same name that taming-deploy did not write.
     """
     from taming_deploy.pipeline import Pipeline
 
@@ -265,7 +284,7 @@ def evaluate_label_following(model_path: Path | str | None, sizes: Sequence[tupl
                 if reconstruct is not None:
                     reconstructed_cm += confusion_matrix(seen[2], scene.labels, n_classes)
                 if save_dir is not None:
-                    _save_example(Path(save_dir), (width, height), k, scene.labels, scene.image, image, seen[0], seen[1])
+                    _save_example(Path(save_dir), (width, height), k, scene.labels, scene.image, image, seen[0], seen[1], force)
                 update((k + 1) * per_map, count * per_map, f"map {k + 1}/{count}")
         results.append({
             "size": [width, height],
@@ -336,7 +355,7 @@ def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64,
              label_count: int = 8, sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0,
              backend: str = "auto", mode: str = "exact", top_k: int | None = 100, save_dir: Path | None = None,
              threads: int | None = None, bar: ProgressBar = no_bar,
-             on_part: PartDone = _ignore_part) -> tuple[dict, list[str]]:
+             on_part: PartDone = _ignore_part, force: bool = False) -> tuple[dict, list[str]]:
     """Run the evaluations ``what`` asks for ("all": whatever the path supports); (results, table lines).
 
     All arguments are checked before anything slow runs. ``threads``: torch threads for the run (see
@@ -368,6 +387,8 @@ def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64,
         for width, height in sizes:
             if width < factor or height < factor or width % factor or height % factor:
                 raise UserError(f"size {width}x{height} is not a positive multiple of the model's downsampling factor {factor}")
+        if save_dir is not None:
+            check_example_files(Path(save_dir), sizes, label_count, force)
     results: dict = {"model": str(path), "torch_threads": None, "notes": []}
     if what == "all" and not found.label_following:
         results["notes"].append(f"label following not measured: {found.why_not_labels}")
@@ -394,7 +415,7 @@ def evaluate(path: Path | str | None, what: What = "all", recon_count: int = 64,
             reconstruct = _reconstructor(path, backend)[0] if found.reconstruction else None
             results["label_following"] = evaluate_label_following(path, sizes, label_count, seed, backend, mode, top_k,
                                                                   save_dir=save_dir, bar=bar, reconstruct=reconstruct,
-                                                                  on_size=size_done)
+                                                                  on_size=size_done, force=force)
     part_done(format_closing(results))
     return results, lines
 
@@ -474,7 +495,7 @@ def run_eval(path: Path | str | None = None, what: str = "all", recon_count: int
              label_count: int = 8, sizes: str | Sequence[tuple[int, int]] = DEFAULT_SIZES, seed: int = 0,
              backend: str = "auto", mode: str = "exact", top_k: int | None = 100, json_out: Path | None = None,
              save_dir: Path | None = None, threads: int | None = None, bar: ProgressBar = no_bar,
-             echo: Callable[[str], None] = _ignore_line) -> list[str]:
+             echo: Callable[[str], None] = _ignore_line, force: bool = False) -> list[str]:
     """The CLI entry point: evaluate, return the table lines, and give each part's lines to ``echo`` as
     soon as it is done; with ``json_out``, the results so far replace that file (atomically) after each part.
 
@@ -482,17 +503,19 @@ def run_eval(path: Path | str | None = None, what: str = "all", recon_count: int
     UserError on bad input, before any slow work.
     """
     parsed = parse_sizes(sizes) if isinstance(sizes, str) else tuple(sizes)
+    if json_out is not None:
+        check_output_file(Path(json_out), force)  # before the minutes of evaluation
 
     def on_part(results: dict, lines: list[str]) -> None:
         for line in lines:
             echo(line)
         if json_out is not None:
-            with atomic_file(Path(json_out)) as tmp:
-                tmp.write_text(json.dumps(results, indent=2) + "\n")
+            with atomic_file(Path(json_out), force) as tmp:
+                tmp.write_text(json.dumps(marked_document(results), indent=2) + "\n")
 
     _, lines = evaluate(path, what, recon_count=recon_count, recon_size=recon_size,  # type: ignore[arg-type]
                         label_count=label_count, sizes=parsed, seed=seed, backend=backend, mode=mode,
-                        top_k=top_k, save_dir=save_dir, threads=threads, bar=bar, on_part=on_part)
+                        top_k=top_k, save_dir=save_dir, threads=threads, bar=bar, on_part=on_part, force=force)
     if json_out is not None:
         lines.append(f"results written to {json_out}")
         echo(lines[-1])
