@@ -13,7 +13,6 @@ from PIL import Image
 
 from helpers import assert_one_line_error, run_cli
 from taming_deploy.bundle import Bundle
-from taming_deploy.fileutil import output_lock
 
 CLI = [sys.executable, "-m", "taming_deploy.cli"]
 
@@ -32,13 +31,28 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
 
 
 @pytest.mark.slow
-def test_killed_export_leaves_no_bundle_and_the_next_export_cleans_up(tiny_checkpoint, tmp_path):
+def test_a_second_export_is_refused_while_one_runs_and_a_killed_one_is_cleaned_up(tiny_checkpoint, tmp_path):
+    """Two real processes on one --out: the first is frozen (SIGSTOP) halfway, holding its lock and half a
+    bundle; the second is refused in one line and writes nothing; the first is then killed (-9), and a
+    third export writes the bundle and removes what the killed one left."""
     out = tmp_path / "b"
     export = [*CLI, "export", str(tiny_checkpoint), "--out", str(out), "--no-fp16", "--calibration-count", "1"]
-    proc = subprocess.Popen(export, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, lambda: any(tmp_path.glob(f".tmp-b-{proc.pid}-*/*.onnx")))  # halfway: a graph written
+    first = subprocess.Popen(export, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not any(tmp_path.glob(f".tmp-b-{first.pid}-*/*.onnx")) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first export ended before it could be frozen"
+        first.send_signal(signal.SIGSTOP)
+        before = sorted(p.name for p in tmp_path.iterdir())
+        second = subprocess.run(export, capture_output=True, text=True, timeout=600)
+        assert_one_line_error(second, "being written by another taming-deploy process")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     assert not out.exists()
-    assert any(name.startswith(f".tmp-b-{proc.pid}-") for name in leftovers(tmp_path))
+    assert any(name.startswith(f".tmp-b-{first.pid}-") for name in leftovers(tmp_path))
     done = subprocess.run(export, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     Bundle(out).verify_all()
@@ -58,16 +72,6 @@ def test_killed_generate_writes_no_partial_image_and_the_next_run_cleans_up(impo
     assert done.returncode == 0, done.stderr[-2000:]
     Image.open(out).load()
     assert leftovers(tmp_path) == []
-
-
-def test_second_export_to_the_same_out_is_refused_cleanly_while_one_runs(tiny_checkpoint, tmp_path):
-    """The first writer holds the lock (here, this test); the second says so in one line and writes nothing."""
-    out = tmp_path / "b"
-    with output_lock(out):
-        proc = run_cli("export", str(tiny_checkpoint), "--out", str(out), "--no-fp16")
-        assert_one_line_error(proc, "being written by another taming-deploy process")
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".b.lock"]
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_with_zero_steps_leaves_nothing(tmp_path):
