@@ -142,7 +142,8 @@ def serve_forever(config: ServiceConfig, host: str, port: int, replicas: int, ad
     backstop for a replica that never answers, and one that a client's x-request-timeout-seconds
     header can change."""
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # 'local' without --address: a Ray of our own, never one that RAY_ADDRESS or an earlier `ray start` names
+        ray.init(address=address or 'local', include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
         raise UserError(f"cannot join the Ray cluster at {address}: {str(exc)[:200]}") from None
     stop = threading.Event()

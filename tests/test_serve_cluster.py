@@ -176,6 +176,16 @@ def test_joining_a_serve_that_listens_elsewhere_is_refused_in_one_line(deploymen
     assert call(deployment.base + "/health").status == 200  # the refused command deleted nothing
 
 
+def test_without_address_serve_starts_its_own_ray_even_where_a_cluster_is_named(deployment, monkeypatch):
+    """Ray's own default would join the cluster RAY_ADDRESS (or the last `ray start`) names, and be refused
+    there because that cluster's Serve listens elsewhere: no --address means a one-node Ray of its own."""
+    monkeypatch.setenv("RAY_ADDRESS", deployment.address)
+    with ServerProcess(None, ["--backend", "ort"]) as base:
+        reply = call(generate_url(base, seed=0), png(label_map(0)), timeout=60)
+        assert (reply.status, reply.content_type) == (200, "image/png"), reply.body[:300]
+    assert call(deployment.base + "/health").status == 200
+
+
 def test_stopping_the_server_removes_only_its_application(deployment):
     deployment.server.stop()
     assert deployment.server.process.returncode == 0, deployment.server.output()[-2000:]
