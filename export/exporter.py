@@ -22,7 +22,7 @@ import taming_deploy
 from taming_deploy.engines.onnx_support import unsupported_ops
 from taming_deploy.export.fp16 import Fp16IoRangeError, to_mixed_precision
 from taming_deploy.export.calibration import SYNTHETIC, CalibrationSet, calibration_set, token_sequences
-from taming_deploy.export.graphs import CONDITION_INPUTS, graph_defs, past_names
+from taming_deploy.export.graphs import CONDITION_INPUTS, GraphDef, graph_defs, past_names
 from taming_deploy.export.onnx_export import OPSET, export_graph
 from taming_deploy.export.int8_weights import int8_weight_storage
 from taming_deploy.export.validate import (
@@ -34,6 +34,8 @@ from taming_deploy.export.validate import (
     check_variant,
     emulated_fp16_backend,
     float64_runs,
+    torch_condition_tokens,
+    torch_image_tokens,
     transformed_bundle,
 )
 from taming_deploy.backends.ort_backend import OrtBackend
@@ -71,7 +73,7 @@ def past_feeds(cache: np.ndarray) -> dict[str, np.ndarray]:
 @torch.no_grad()
 def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> dict[str, list[dict[str, np.ndarray]]]:
     """Inputs per graph on which the fp16 pass measures activation ranges."""
-    image_tokens = model.first_stage_model.encode(torch.from_numpy(calib.images)).indices.numpy()
+    image_tokens = torch_image_tokens(model, calib.images)
     feeds: dict[str, list[dict[str, np.ndarray]]] = {
         "encoder": [{"image": calib.images[k : k + 1]} for k in range(len(calib))],
         "decoder": [{"indices": image_tokens[k : k + 1]} for k in range(len(calib))],
@@ -79,7 +81,7 @@ def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> d
     if calib.conditions is not None:
         name = CONDITION_INPUTS[spec.condition.kind]
         feeds["cond_encoder"] = [{name: calib.conditions[k : k + 1]} for k in range(len(calib))]
-        cond_tokens = model.cond_stage_model.condition_tokens(torch.from_numpy(calib.conditions)).numpy()
+        cond_tokens = torch_condition_tokens(model, calib.conditions)
     else:
         cond_tokens = np.full((len(calib), 1), spec.condition.sos_token, dtype=np.int64)
     sequences = token_sequences(spec, image_tokens, cond_tokens)
@@ -141,6 +143,25 @@ def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]
     return checks
 
 
+def export_graph_files(g: GraphDef, directory: Path, fp16_feeds: list[dict[str, np.ndarray]] | None,
+                       echo: Callable[[str], None]) -> tuple[dict[str, GraphFile], list[Check], dict | None]:
+    """One graph's fp32 file (and, given calibration feeds, its fp16 file), their structural checks and
+    the fp16 report. Its ModelProtos (a whole fp32 copy of the weights) are freed on return, before the
+    next graph is exported and before validation loads the files into ONNX Runtime."""
+    path = directory / f"{g.name}.onnx"
+    exported = export_graph(g, path)
+    files = {"fp32": graph_entry(path, "fp32")}
+    checks = structural_checks(path, g.name, "fp32")
+    if fp16_feeds is None:
+        return files, checks, None
+    mixed, report = mixed_precision_graph(g.name, exported, fp16_feeds, echo)
+    del exported
+    path16 = directory / f"{g.name}.fp16.onnx"
+    save_graph(mixed, path16)
+    files["fp16"] = graph_entry(path16, "fp16")
+    return files, checks + structural_checks(path16, g.name, "fp16"), report.to_dict()
+
+
 def export_bundle(
     checkpoint_dir: Path,
     out_dir: Path,
@@ -172,17 +193,10 @@ def export_bundle(
         fp16_report: dict[str, dict] = {}
         for g in defs:
             echo(f"exporting {g.name} ...")
-            path = tmp / f"{g.name}.onnx"
-            exported = export_graph(g, path)
-            graphs[g.name] = {"fp32": graph_entry(path, "fp32")}
-            checks += structural_checks(path, g.name, "fp32")
-            if fp16:
-                mixed, report = mixed_precision_graph(g.name, exported, feeds[g.name], echo)
-                path16 = tmp / f"{g.name}.fp16.onnx"
-                save_graph(mixed, path16)
-                graphs[g.name]["fp16"] = graph_entry(path16, "fp16")
-                checks += structural_checks(path16, g.name, "fp16")
-                fp16_report[g.name] = report.to_dict()
+            graphs[g.name], graph_checks, report = export_graph_files(g, tmp, feeds.get(g.name) if fp16 else None, echo)
+            checks += graph_checks
+            if report is not None:
+                fp16_report[g.name] = report
         producer = {
             "name": "taming-deploy",
             "version": taming_deploy.__version__,

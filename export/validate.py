@@ -28,6 +28,28 @@ FP32_MAX_RELATIVE_ERROR = 1e-4
 FP32_INDEX_LIMITS = IndexLimits(tie_tolerance=1e-5, mismatch_rate=1e-3, min_mismatches=1)
 
 
+def one_at_a_time(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
+    """``run`` on each item of ``batch`` alone, concatenated. Validation holds one image's activations at a
+    time: at released sizes (256x256 calibration windows through ch-128 stages, 182-channel one-hot
+    conditions) a batch of 8 takes gigabytes in torch and again in each ONNX Runtime session's arena."""
+    return np.concatenate([run(batch[k : k + 1]) for k in range(len(batch))])
+
+
+@torch.no_grad()
+def torch_image_tokens(model: TamingModel, images: np.ndarray) -> np.ndarray:
+    return one_at_a_time(lambda x: model.first_stage_model.encode(torch.from_numpy(x)).indices.numpy(), images)
+
+
+@torch.no_grad()
+def torch_condition_tokens(model: TamingModel, conditions: np.ndarray) -> np.ndarray:
+    return one_at_a_time(lambda c: model.cond_stage_model.condition_tokens(torch.from_numpy(c)).numpy(), conditions)
+
+
+@torch.no_grad()
+def torch_decode(model: TamingModel, tokens: np.ndarray) -> np.ndarray:
+    return one_at_a_time(lambda t: model.first_stage_model.decode_indices(torch.from_numpy(t)).numpy(), tokens)
+
+
 @dataclass(frozen=True)
 class VariantLimits:
     """How far a variant of the fp32 graphs may move their outputs on the calibration inputs."""
@@ -127,17 +149,18 @@ def check_fp32(model: TamingModel, ort32: OrtBackend, calib: CalibrationSet, run
     """ORT fp32 against PyTorch on calibration and random inputs (the quantizing graphs against float64)."""
     rng = np.random.default_rng(1)
     spec = ort32.spec
-    fs = model.first_stage_model
     for name, images, reference in (("calibration", calib.images, runs.encoder), ("random", runs.random_images, runs.encoder_random)):
-        yield index_check("encoder", "fp32", f"torch float64 ({name})", reference, ort32.encode(images), reference.tokens, FP32_INDEX_LIMITS)
-    calib_tokens = fs.encode(torch.from_numpy(calib.images)).indices.numpy()
+        yield index_check("encoder", "fp32", f"torch float64 ({name})", reference, one_at_a_time(ort32.encode, images),
+                          reference.tokens, FP32_INDEX_LIMITS)
+    calib_tokens = torch_image_tokens(model, calib.images)
     random_tokens = rng.integers(0, spec.image_codebook_size, size=calib_tokens.shape)
     for name, tokens in (("calibration", calib_tokens), ("random", random_tokens)):
-        expected = fs.decode_indices(torch.from_numpy(tokens)).numpy()
-        yield Check("decoder", "fp32", f"max relative error vs torch ({name})", relative_error(ort32.decode(tokens), expected), FP32_MAX_RELATIVE_ERROR, False)
+        expected = torch_decode(model, tokens)
+        yield Check("decoder", "fp32", f"max relative error vs torch ({name})", relative_error(one_at_a_time(ort32.decode, tokens), expected),
+                    FP32_MAX_RELATIVE_ERROR, False)
     if runs.cond_encoder is not None:
         reference = runs.cond_encoder
-        yield index_check("cond_encoder", "fp32", "torch float64 (calibration)", reference, ort32.condition_tokens(calib.conditions),
+        yield index_check("cond_encoder", "fp32", "torch float64 (calibration)", reference, one_at_a_time(ort32.condition_tokens, calib.conditions),
                           reference.tokens, FP32_INDEX_LIMITS)
     for name, sequences in (("calibration", calibration_sequences(model, ort32, calib)), ("random", random_sequences)):
         prefill = max(1, sequences.shape[1] - steps)
@@ -147,9 +170,9 @@ def check_fp32(model: TamingModel, ort32: OrtBackend, calib: CalibrationSet, run
 
 @torch.no_grad()
 def calibration_sequences(model: TamingModel, backend: OrtBackend, calib: CalibrationSet) -> np.ndarray:
-    image_tokens = model.first_stage_model.encode(torch.from_numpy(calib.images)).indices.numpy()
+    image_tokens = torch_image_tokens(model, calib.images)
     if calib.conditions is not None:
-        cond_tokens = model.cond_stage_model.condition_tokens(torch.from_numpy(calib.conditions)).numpy()
+        cond_tokens = torch_condition_tokens(model, calib.conditions)
     elif backend.spec.condition.kind == "class":
         cond_tokens = np.arange(len(calib), dtype=np.int64)[:, None] % (backend.spec.condition.n_classes or 1)
     else:
@@ -171,11 +194,12 @@ def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
 def check_variant(model: TamingModel, ort32: OrtBackend, variant: OrtBackend, label: str, limits: VariantLimits, calib: CalibrationSet,
                   runs: Float64Runs, steps: int) -> Iterator[Check]:
     """A variant of the fp32 graphs (fp16: their emulation; int8 weights) against them on calibration inputs."""
-    tokens = ort32.encode(calib.images)
-    yield index_check("encoder", label, "fp32", runs.encoder, variant.encode(calib.images), tokens, limits.index)
-    yield Check("decoder", label, "PSNR vs fp32 (dB)", psnr(variant.decode(tokens), ort32.decode(tokens)), limits.decoder_psnr, True)
+    tokens = one_at_a_time(ort32.encode, calib.images)
+    yield index_check("encoder", label, "fp32", runs.encoder, one_at_a_time(variant.encode, calib.images), tokens, limits.index)
+    yield Check("decoder", label, "PSNR vs fp32 (dB)", psnr(one_at_a_time(variant.decode, tokens), one_at_a_time(ort32.decode, tokens)),
+                limits.decoder_psnr, True)
     if runs.cond_encoder is not None:
-        got, expected = variant.condition_tokens(calib.conditions), ort32.condition_tokens(calib.conditions)
+        got, expected = one_at_a_time(variant.condition_tokens, calib.conditions), one_at_a_time(ort32.condition_tokens, calib.conditions)
         yield index_check("cond_encoder", label, "fp32", runs.cond_encoder, got, expected, limits.index)
     sequences = calibration_sequences(model, ort32, calib)
     prefill = max(1, sequences.shape[1] - steps)

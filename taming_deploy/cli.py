@@ -159,9 +159,11 @@ def generate(
         raise UserError("pass either --cond or --class-id, not both")
     one_file = n == 1 or grid
     paths = [out] if one_file else [out.with_name(f"{out.stem}_{k:03d}{out.suffix}") for k in range(n)]
-    for path in [*paths, save_tokens, stats]:
-        if path is not None:
-            check_output_file(path, force)  # before minutes of sampling, not after
+    outputs = [path for path in [*paths, save_tokens, stats] if path is not None]
+    if len({path.resolve() for path in outputs}) < len(outputs):
+        raise UserError("--out, --save-tokens and --stats must name different files")
+    for path in outputs:
+        check_output_file(path, force)  # before minutes of sampling, not after
     fmt = output_format(out)
     notes: list[str] = []  # shown once sampling starts, so that an error in the inputs stays the only line
     pipeline = Pipeline.load(model, backend, note=notes.append)  # type: ignore[arg-type]

@@ -23,7 +23,8 @@ LABEL_MODES = ("L", "P", "I", "I;16")  # I: 2-D integer arrays handed to the Pyt
 def open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)" if path.exists() else "no such file"
+        raise UserError(f"{path}: {kind}; name an image file")
     try:
         image = Image.open(path)
         check_image_size(image.width, image.height, str(path), max_pixels)  # from the header, before decoding

@@ -51,6 +51,9 @@ CASES = [
     Case("condition-bomb-past-pillow-limit", BOMB + "--max-pixels 1000000000000", ("bomb.png", "900000000 pixels"),
          png_header_only(30000, 30000)),
     Case("condition-empty-png", BOMB, ("bomb.png",), png_header_only(0, 0)),
+    Case("condition-is-a-directory", GENERATE.replace("{labels}", "{tmp}"), ("a directory", "image file")),
+    Case("condition-is-a-device", GENERATE.replace("{labels}", "/dev/zero"), ("/dev/zero", "not a regular file")),
+    Case("condition-missing", GENERATE.replace("{labels}", "{tmp}/nothing.png"), ("nothing.png", "no such file")),
 ]
 
 

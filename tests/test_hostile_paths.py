@@ -53,6 +53,8 @@ CASES = [
     Case("import-into-procfs", IMPORT + " --out /proc/taming-ckpt", ("cannot write", "/proc/taming-ckpt")),
     Case("train-onto-a-file", TRAIN + " --out {tmp}/run", ("not a directory",), files("run")),
     Case("generate-tokens-onto-directory", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/d", ("is a directory",), files("d/k")),
+    Case("generate-stats-onto-its-own-out", GENERATE + " --out {tmp}/o.png --stats {tmp}/o.png", ("different files",)),
+    Case("generate-tokens-onto-a-numbered-out", GENERATE + " --out {tmp}/o.png -n 2 --save-tokens {tmp}/o_001.png", ("different files",)),
     Case("generate-onto-a-user-file", GENERATE + " --out {tmp}/photo.png", ("photo.png", "did not write", "--force"), files("photo.png")),
     Case("generate-stats-onto-a-user-file", GENERATE + " --out {tmp}/o.png --stats {tmp}/s.json", ("s.json", "--force"), files("s.json")),
     Case("generate-tokens-onto-an-npy", GENERATE + " --out {tmp}/o.png --save-tokens {tmp}/t.npy", ("t.npy", "--force"), files("t.npy")),
