@@ -56,16 +56,19 @@ class VariantLimits:
 
     index: IndexLimits  # encoder / condition encoder codes against fp32's
     decoder_psnr: float  # dB against the fp32 decoder's image
-    top1_agreement: float  # transformer: greedy next token equal to fp32's
+    top1_agreement: float  # transformer: greedy next token equal to fp32's (near-ties forgiven, see top1_agreement)
+    top1_tie_tolerance: float  # logit units: fp32's logit for the variant's token this close to its top one is a tie
     mean_kl: float  # transformer: mean KL(fp32 || variant) of the next-token distribution, nats
 
 
 # fp16 on the embedded default: index agreement 0.998, decoder 81 dB, top-1 0.995, mean KL 3.1e-5 nats.
-FP16_LIMITS = VariantLimits(index=IndexLimits(tie_tolerance=1e-3, mismatch_rate=5e-3, min_mismatches=1), decoder_psnr=40.0, top1_agreement=0.99, mean_kl=1e-3)
+FP16_LIMITS = VariantLimits(index=IndexLimits(tie_tolerance=1e-3, mismatch_rate=5e-3, min_mismatches=1), decoder_psnr=40.0, top1_agreement=0.99,
+                            top1_tie_tolerance=1e-2, mean_kl=1e-3)
 # Measured on the embedded default (calibration set): index agreement 0.996 (encoder) / 0.979 (condition
 # encoder), decoder 67 dB, greedy top-1 0.975, mean KL 7e-4 nats. Top-1 is the loose one: at
 # high-entropy positions near-tied logits swap order while the distribution barely moves (KL).
-INT8_WEIGHT_LIMITS = VariantLimits(index=IndexLimits(tie_tolerance=1e-2, mismatch_rate=0.05, min_mismatches=2), decoder_psnr=40.0, top1_agreement=0.9, mean_kl=0.01)
+INT8_WEIGHT_LIMITS = VariantLimits(index=IndexLimits(tie_tolerance=1e-2, mismatch_rate=0.05, min_mismatches=2), decoder_psnr=40.0, top1_agreement=0.9,
+                                  top1_tie_tolerance=5e-2, mean_kl=0.01)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,16 @@ def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a == b))
+
+
+def top1_agreement(logits: np.ndarray, logits32: np.ndarray, tie_tolerance: float) -> tuple[float, float]:
+    """(tie-adjusted, raw) agreement of the variant's greedy tokens with fp32's. A different token counts
+    as a mismatch only where fp32's own logit for it is more than ``tie_tolerance`` below fp32's top
+    logit: at near-flat positions (random weights, high entropy) the order of near-equal logits flips
+    under any rounding while the distribution does not move (the KL check watches that)."""
+    chosen, top = logits.argmax(-1), logits32.argmax(-1)
+    gap = np.take_along_axis(logits32, top[..., None], -1)[..., 0] - np.take_along_axis(logits32, chosen[..., None], -1)[..., 0]
+    return float(np.mean((chosen == top) | (gap <= tie_tolerance))), agreement(chosen, top)
 
 
 def stepped_logits(backend: OrtBackend, sequences: np.ndarray, prefill: int) -> np.ndarray:
@@ -205,7 +218,9 @@ def check_variant(model: TamingModel, ort32: OrtBackend, variant: OrtBackend, la
     prefill = max(1, sequences.shape[1] - steps)
     logits, logits32 = stepped_logits(variant, sequences, prefill), stepped_logits(ort32, sequences, prefill)
     positions = logits32.shape[0] * logits32.shape[1]
-    yield Check("transformer", label, f"greedy top-1 agreement vs fp32 ({positions} positions)", agreement(logits.argmax(-1), logits32.argmax(-1)), limits.top1_agreement, True)
+    adjusted, raw = top1_agreement(logits, logits32, limits.top1_tie_tolerance)
+    yield Check("transformer", label, f"greedy top-1 agreement vs fp32 ({positions} positions, logit gaps within "
+                f"{limits.top1_tie_tolerance:g} forgiven)", adjusted, limits.top1_agreement, True, raw=raw)
     yield Check("transformer", label, f"mean KL of next-token distribution vs fp32 ({positions} positions, nats)", mean_kl(logits32, logits), limits.mean_kl, False)
 
 

@@ -20,6 +20,18 @@ def test_threshold_allows_more_mismatches_for_more_indices_but_never_fewer_than_
     assert limits.threshold(100_000) == 1 - 100 / 100_000
 
 
+def test_greedy_top1_forgives_a_flip_only_between_near_equal_fp32_logits():
+    from taming_deploy.export.validate import top1_agreement
+
+    logits32 = np.array([[[2.0, 1.995, -1.0], [3.0, 0.0, 1.0], [0.5, 0.4, 0.1], [1.0, 2.0, 0.0]]], np.float32)
+    variant = logits32.copy()
+    variant[0, 0, 1] += 0.01  # fp32 gap 0.005: a near tie flips
+    variant[0, 1, 2] += 2.5  # fp32 gap 2.0: a real change of the greedy token
+    adjusted, raw = top1_agreement(variant, logits32, tie_tolerance=0.01)
+    assert raw == 0.5 and adjusted == 0.75
+    assert top1_agreement(variant, logits32, tie_tolerance=0.001) == (0.5, 0.5)  # the near tie is over this one
+
+
 @torch.no_grad()
 def test_float64_reference_forgives_only_near_ties(tiny_checkpoint):
     """A code swapped for its runner-up counts as a mismatch exactly when their distances differ by more
