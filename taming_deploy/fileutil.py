@@ -42,7 +42,7 @@ def default_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-WRITER_LEFTOVER = re.compile(r"\.(tmp|old)-.+-\d+-.+|\..+\.lock|\.taming-deploy-carried")  # what a writer killed inside an output leaves
+WRITER_LEFTOVER = re.compile(rf"\.(tmp|old)-.+-\d+-.+|\..+\.lock|{re.escape(CARRIED_JOURNAL)}")  # what a writer killed inside an output leaves
 
 
 def foreign_entries(path: Path) -> list[str]:
