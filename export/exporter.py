@@ -214,8 +214,9 @@ def export_bundle(
         checks += list(check_fp32(model, ort32, calib, runs, random_sequences, VALIDATION_STEPS))
         if fp16:
             with tempfile.TemporaryDirectory() as workdir:
-                emulated = emulated_fp16_backend(tmp, Path(workdir))
-                checks += list(check_variant(model, ort32, emulated, "fp16", FP16_LIMITS, calib, runs, VALIDATION_STEPS))
+                # a temporary: its sessions are freed before the int8 copies are loaded
+                checks += list(check_variant(model, ort32, emulated_fp16_backend(tmp, Path(workdir)), "fp16", FP16_LIMITS,
+                                             calib, runs, VALIDATION_STEPS))
         if int8_weights:
             echo("storing weights as int8 ...")
             checks += store_int8_weights(ort32, graphs, model, calib, runs)
