@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per measured row")
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--max-batch", type=int, default=8, help="the batching server's --max-batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="the batching server's --batch-wait-ms (default: serve's)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -116,7 +117,7 @@ def main() -> None:
     del pipeline
 
     for label, max_batch in (("serve, batching off", 1), (f"serve, batching on (max {args.max_batch})", args.max_batch)):
-        with ServerProcess(None, ["--backend", "ort", "--max-batch", str(max_batch), "--batch-wait-ms", "20"]) as base:
+        with ServerProcess(None, ["--backend", "ort", "--max-batch", str(max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]) as base:
             for concurrency in concurrencies:
                 rate, latencies, mean_batch, cpu = measure_server(base, maps, concurrency)
                 rows.append([label, str(concurrency), f"{rate:.2f}", f"{np.percentile(latencies, 50):.2f}",
