@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from taming_deploy.errors import UserError
-from taming_deploy.fileutil import atomic_file, check_can_create_in, check_output_file, existing_ancestor
+from taming_deploy.fileutil import atomic_file, check_output_file
 from taming_deploy.images import save_image
 from taming_deploy.output_marks import marked_document
 from taming_deploy.spec import ConditionSpec
@@ -190,7 +190,6 @@ def check_example_files(directory: Path, sizes: Sequence[tuple[int, int]], count
     will write there is absent, ours, or (with ``force``) any regular file."""
     if os.path.lexists(directory) and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory; name a folder for the example images")
-    check_can_create_in(directory if directory.is_dir() else existing_ancestor(directory), directory / example_name(sizes[0], 0))
     for size in sizes:
         for k in range(count):
             check_output_file(directory / example_name(size, k), force)
