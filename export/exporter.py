@@ -98,16 +98,18 @@ def fp16_calibration_feeds(model: TamingModel, spec, calib: CalibrationSet) -> d
     return feeds
 
 
-def mixed_precision_graph(name: str, exported: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], echo: Callable[[str], None]):
-    """The fp16 variant; the transformer's cache is fp16 too unless its values leave fp16's safe range."""
+def mixed_precision_graph(name: str, exported: onnx.ModelProto, base_dir: Path, feeds: list[dict[str, np.ndarray]],
+                          echo: Callable[[str], None]):
+    """The fp16 variant of ``exported`` (its external data in ``base_dir``); the transformer's cache is
+    fp16 too unless its values leave fp16's safe range."""
     if name != "transformer":
-        return to_mixed_precision(exported, feeds)
+        return to_mixed_precision(exported, feeds, base_dir=base_dir)
     layers = sum(1 for i in exported.graph.input if i.name.startswith("past_key_"))
     try:
-        return to_mixed_precision(exported, feeds, fp16_io=(*past_names(layers), "new_kv"))
+        return to_mixed_precision(exported, feeds, fp16_io=(*past_names(layers), "new_kv"), base_dir=base_dir)
     except Fp16IoRangeError as exc:
         echo(f"transformer: keeping the KV cache in fp32 ({exc})")
-        return to_mixed_precision(exported, feeds)
+        return to_mixed_precision(exported, feeds, base_dir=base_dir)
 
 
 def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
@@ -146,20 +148,20 @@ def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]
 def export_graph_files(g: GraphDef, directory: Path, fp16_feeds: list[dict[str, np.ndarray]] | None,
                        echo: Callable[[str], None]) -> tuple[dict[str, GraphFile], list[Check], dict | None]:
     """One graph's fp32 file (and, given calibration feeds, its fp16 file), their structural checks and
-    the fp16 report. Its ModelProtos (a whole fp32 copy of the weights) are freed on return, before the
-    next graph is exported and before validation loads the files into ONNX Runtime."""
+    the fp16 report. The weights stay in the exported data file, read from there a tensor at a time by the
+    fp16 pass; only the fp16 weights it makes are held in memory, until they are written."""
     path = directory / f"{g.name}.onnx"
     exported = export_graph(g, path)
-    files = {"fp32": graph_entry(path, "fp32")}
-    checks = structural_checks(path, g.name, "fp32")
-    if fp16_feeds is None:
-        return files, checks, None
-    mixed, report = mixed_precision_graph(g.name, exported, fp16_feeds, echo)
-    del exported
-    path16 = directory / f"{g.name}.fp16.onnx"
-    save_graph(mixed, path16)
-    files["fp16"] = graph_entry(path16, "fp16")
-    return files, checks + structural_checks(path16, g.name, "fp16"), report.to_dict()
+    files, checks, report = {}, [], None
+    if fp16_feeds is not None:
+        mixed, report = mixed_precision_graph(g.name, exported, directory, fp16_feeds, echo)
+        path16 = directory / f"{g.name}.fp16.onnx"
+        save_graph(mixed, path16, base_dir=directory)
+        files["fp16"] = graph_entry(path16, "fp16")
+        checks = structural_checks(path16, g.name, "fp16")
+    save_graph(exported, path, base_dir=directory)  # the fp32 graph's own layout, now that the fp16 pass has read its weights
+    files = {"fp32": graph_entry(path, "fp32"), **files}
+    return files, structural_checks(path, g.name, "fp32") + checks, None if report is None else report.to_dict()
 
 
 def export_bundle(

@@ -75,10 +75,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from taming_deploy.export.graph_files import is_external, model_tensors
 
 FP16_MAX = 65504.0
 DEFAULT_THRESHOLD = 4096.0
@@ -125,6 +128,7 @@ def to_mixed_precision(
     fp16_io: tuple[str, ...] = (),
     threshold: float = DEFAULT_THRESHOLD,
     keep_quantizer_fp32: bool = True,
+    base_dir: Path | None = None,
 ) -> tuple[onnx.ModelProto, MixedPrecisionReport]:
     """The mixed-precision variant of the fp32 ``model`` and what was kept in fp32 and why.
 
@@ -132,6 +136,9 @@ def to_mixed_precision(
     ``fp16_io``: float graph inputs/outputs that become fp16 (all others keep their type).
     ``threshold``: max |activation| a node may see and still run in fp16 (inf: convert everything,
     which with ``keep_quantizer_fp32=False`` is a naive all-fp16 conversion, for comparisons).
+    ``base_dir``: where ``model``'s external data files are. Its weights are read from them one tensor
+    at a time; the result holds its fp16 weights inline and names the same files for the fp32 ones
+    it keeps (``graph_files.save_graph`` with the same ``base_dir`` writes it out self-contained).
     """
     if not calibration_feeds:
         raise ValueError("to_mixed_precision needs at least one calibration feed")
@@ -148,9 +155,9 @@ def to_mixed_precision(
         if io_types.get(name) != FLOAT:
             raise ValueError(f"fp16_io: {name!r} is not a float32 graph input or output")
 
-    ranges = activation_ranges(model, calibration_feeds)
+    ranges = activation_ranges(model, calibration_feeds, base_dir)
     initializers = {i.name: i for i in graph.initializer}
-    init_max = {name: _finite_max_abs(numpy_helper.to_array(t)) for name, t in initializers.items() if t.data_type == FLOAT}
+    init_max = {name: _finite_max_abs(numpy_helper.to_array(t, _dir(base_dir))) for name, t in initializers.items() if t.data_type == FLOAT}
     for name in fp16_io:
         if ranges.get(name, 0.0) > threshold:
             raise Fp16IoRangeError(f"{name} reaches |x| = {ranges[name]:.4g} on the calibration feeds, beyond the fp16 threshold {threshold:g}")
@@ -180,8 +187,8 @@ def to_mixed_precision(
             plan.fp16 = False
             fp32_rows.append({"node": node.name or f"{node.op_type}#{index}", "op": node.op_type, "reason": reason, "max_abs": float(seen)})
 
-    out, casts = _rewrite(model, plans, types, set(fp16_io))
-    if out.ByteSize() < 2**31 - 1:
+    out, casts = _rewrite(model, plans, types, set(fp16_io), base_dir)
+    if out.ByteSize() < 2**31 - 1 and not any(is_external(t) for t in model_tensors(out)):  # else: checked once written
         onnx.checker.check_model(out, full_check=True)
     reasons: dict[str, int] = defaultdict(int)
     for row in fp32_rows:
@@ -221,19 +228,20 @@ def fp16_storage_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
     rounding and overflow. This emulation rounds every fp16 tensor (fp32 arithmetic inside each op,
     like fp32-accumulating GPU kernels; no cross-op fusion, so it is the pessimistic side of what
     TensorRT does) and is what fp16 accuracy should be judged by without a GPU.
+
+    fp16 weights are read through a Cast to fp32, which ONNX Runtime folds into an fp32 constant when
+    it loads the graph: building the emulation reads no weight (they may stay in external data).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     types = _tensor_types(out)
-    for tensor in graph.initializer:
-        if tensor.data_type == FLOAT16:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
     outputs16 = {v.name for v in graph.output if v.type.tensor_type.elem_type == FLOAT16}
-    renamed: dict[str, str] = {}  # fp16 graph inputs/outputs -> their fp32 twin read inside
+    renamed: dict[str, str] = {}  # fp16 graph inputs, outputs and weights -> their fp32 twin read inside
     ordered = []
-    for value in graph.input:
-        if value.type.tensor_type.elem_type == FLOAT16:
+    for value in [*graph.input, *graph.initializer]:
+        elem_type = value.type.tensor_type.elem_type if isinstance(value, onnx.ValueInfoProto) else value.data_type
+        if elem_type == FLOAT16 and value.name not in renamed:  # (an initializer may also be listed as an input)
             renamed[value.name] = f"{value.name}__f32"
             ordered.append(helper.make_node("Cast", [value.name], [renamed[value.name]], to=FLOAT))
     for name in outputs16:
@@ -270,22 +278,17 @@ def fp16_storage_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
 # --- measurement ------------------------------------------------------------------------------------
 
 
-def activation_ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def activation_ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], base_dir: Path | None = None) -> dict[str, float]:
     """Largest finite |x| of every float32 graph input and node output over ``feeds`` (fp32 ORT run).
 
     The graph is extended with ReduceMax(Abs(t)) for every float tensor t, so a run returns one scalar
     per tensor instead of every activation (a 256 x 256 decoder has gigabytes of them). Tensors whose
     maximum is not finite (the -inf of attention masks, an overflow) are fetched whole in a second
-    pass and reduced over their finite values only.
+    pass and reduced over their finite values only. ``base_dir``: where the model's external data is.
     """
-    import onnxruntime as ort
-
     types = _tensor_types(model)
     names = [o for n in model.graph.node for o in n.output if o and types.get(o) == FLOAT]
     float_inputs = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == FLOAT]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
@@ -295,7 +298,8 @@ def activation_ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
             helper.make_node("ReduceMax", [f"__absval_{k}"], [f"__absmax_{k}"], keepdims=0),
         ])
         probe.graph.output.append(helper.make_tensor_value_info(f"__absmax_{k}", FLOAT, []))
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _cpu_session(probe, base_dir)
+    del probe
     ranges: dict[str, float] = defaultdict(float)
     not_finite: set[str] = set()
     for feed in feeds:
@@ -316,11 +320,26 @@ def activation_ranges(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
         for name in wanted:
             if name not in present:
                 full.graph.output.append(declared.get(name) or helper.make_tensor_value_info(name, FLOAT, None))
-        session = ort.InferenceSession(full.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = _cpu_session(full, base_dir)
         for feed in feeds:
             for name, value in zip(wanted, session.run(wanted, feed)):
                 ranges[name] = max(ranges[name], _finite_max_abs(value))
     return dict(ranges)
+
+
+def _dir(base_dir: Path | None) -> str:
+    return "" if base_dir is None else str(base_dir)
+
+
+def _cpu_session(model: onnx.ModelProto, base_dir: Path | None):
+    """An ONNX Runtime CPU session of ``model``, its external data read from ``base_dir``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if base_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(base_dir).resolve()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _finite_max_abs(array: np.ndarray) -> float:
@@ -479,7 +498,8 @@ class _NodePlan:
 # --- graph rewrite -----------------------------------------------------------------------------------
 
 
-def _rewrite(model: onnx.ModelProto, plans: list[_NodePlan], types: dict[str, int], fp16_io: set[str]) -> tuple[onnx.ModelProto, int]:
+def _rewrite(model: onnx.ModelProto, plans: list[_NodePlan], types: dict[str, int], fp16_io: set[str],
+             base_dir: Path | None) -> tuple[onnx.ModelProto, int]:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -533,7 +553,7 @@ def _rewrite(model: onnx.ModelProto, plans: list[_NodePlan], types: dict[str, in
         if FLOAT16 not in needs:
             continue
         tensor = initializers[name]
-        half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), name)
+        half = numpy_helper.from_array(numpy_helper.to_array(tensor, _dir(base_dir)).astype(np.float16), name)
         if name not in fp32_readers:
             tensor.CopyFrom(half)
         else:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
 from taming_deploy.bundle import DataFile, GraphFile, Manifest, TensorSpec
 from taming_deploy.errors import UserError
@@ -50,23 +51,96 @@ def external_data_threshold() -> int:
     return int(value)
 
 
+ALIGNMENT = 4096  # large tensors start on a page boundary of the data file (what ONNX Runtime can map)
+ALIGNED_TENSOR_MIN_BYTES = 1 << 20
+
+
+def model_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers and node attributes, subgraphs included."""
+    def of_graph(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    yield from of_graph(subgraph)
+    yield from of_graph(model.graph)
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Serialized bytes of the graph's initializers and nodes (Constant tensors), without serializing it."""
-    return sum(t.ByteSize() for t in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+    """Bytes of the graph's tensors, those held in external data files included, without serializing it."""
+    return sum(ExternalDataInfo(t).length if is_external(t) else t.ByteSize() for t in model_tensors(model))
 
 
-def save_graph(model: onnx.ModelProto, path: Path, threshold: int | None = None) -> None:
+def read_external(tensor: onnx.TensorProto, base_dir: Path, files: dict[str, object]) -> bytes:
+    info = ExternalDataInfo(tensor)
+    if info.location not in files:
+        files[info.location] = open(contained_path(base_dir, info.location, tensor.name), "rb")
+    source = files[info.location]
+    source.seek(info.offset or 0)
+    data = source.read(info.length) if info.length else source.read()
+    if info.length and len(data) != info.length:
+        raise RuntimeError(f"{info.location}: {tensor.name} runs past the end of the file")
+    return data
+
+
+def write_external_data(model: onnx.ModelProto, path: Path, base_dir: Path | None) -> None:
+    """Every tensor of ``EXTERNAL_TENSOR_MIN_BYTES`` or more, one at a time, into ``PATH.data``: tensors
+    held inline and tensors in other data files (relative to ``base_dir``) alike; the model then names
+    the new file. Written beside and renamed over, so the file being replaced may be a source."""
+    location = f"{path.name}.data"
+    partial = path.with_name(f"{location}.{os.getpid()}.partial")
+    sources: dict[str, object] = {}
+    try:
+        with open(partial, "wb") as out:
+            for tensor in model_tensors(model):
+                if is_external(tensor):
+                    if base_dir is None:
+                        raise ValueError(f"{tensor.name}: external data, but no directory to read it from")
+                    data = read_external(tensor, base_dir, sources)
+                elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
+                    data = tensor.raw_data
+                else:
+                    continue
+                if len(data) >= ALIGNED_TENSOR_MIN_BYTES:
+                    out.seek(-out.tell() % ALIGNMENT, os.SEEK_CUR)
+                offset = out.tell()
+                out.write(data)
+                tensor.ClearField("raw_data")
+                del tensor.external_data[:]
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+    finally:
+        for source in sources.values():
+            source.close()
+    partial.replace(path.parent / location)
+
+
+def save_graph(model: onnx.ModelProto, path: Path, threshold: int | None = None, base_dir: Path | None = None) -> None:
     """Write ``model`` to ``path``; past ``threshold`` bytes of tensors (default
-    :func:`external_data_threshold`) its weights go to ``PATH.data`` as ONNX external data. The
-    ModelProto keeps its weights in memory afterwards (onnx moves them out while writing; they are
-    read back from the data file, one tensor at a time, so no second copy of the graph is made)."""
+    :func:`external_data_threshold`) its weights go to ``PATH.data`` as ONNX external data.
+
+    ``model``'s own external tensors are read relative to ``base_dir``, one at a time, so a graph of
+    any size is written without its weights ever being in memory together; afterwards ``model`` names
+    the file written (its weights are no longer held in memory). A graph under the threshold is written
+    whole, its external tensors read back into it, and a ``PATH.data`` of an earlier write is removed."""
     path = Path(path)
     if tensor_bytes(model) <= (external_data_threshold() if threshold is None else threshold):
+        if base_dir is not None:
+            load_external_data_for_model(model, str(base_dir))
         onnx.save_model(model, str(path))
+        (path.parent / f"{path.name}.data").unlink(missing_ok=True)
         return
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=EXTERNAL_TENSOR_MIN_BYTES, convert_attribute=True)
-    onnx.load_external_data_for_model(model, str(path.parent))
+    write_external_data(model, path, base_dir)
+    onnx.save_model(model, str(path))
 
 
 def graph_entry(path: Path, precision: str, weight_storage: str = "float") -> GraphFile:

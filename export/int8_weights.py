@@ -19,6 +19,7 @@ int8 validation rows (export/validate.py), not assumed.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -52,8 +53,9 @@ def quantize_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.
     return values, scale
 
 
-def int8_weight_storage(model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS) -> onnx.ModelProto:
-    """A copy of ``model`` with its large weights stored as int8."""
+def int8_weight_storage(model: onnx.ModelProto, base_dir: Path | None = None, min_elements: int = MIN_ELEMENTS) -> onnx.ModelProto:
+    """A copy of ``model`` with its large weights stored as int8 (inline; the weights it keeps as they
+    were). ``base_dir``: where ``model``'s external data is; each weight is read from it in turn."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -70,7 +72,7 @@ def int8_weight_storage(model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS
             kept.append(init)
             continue
         axis = next(iter(uses))
-        values, scale = quantize_per_channel(numpy_helper.to_array(init), axis)
+        values, scale = quantize_per_channel(numpy_helper.to_array(init, "" if base_dir is None else str(base_dir)), axis)
         added += [numpy_helper.from_array(values, f"{init.name}.int8"), numpy_helper.from_array(scale, f"{init.name}.scale")]
         dequantize_nodes.append(helper.make_node("DequantizeLinear", [f"{init.name}.int8", f"{init.name}.scale"], [init.name], name=f"{init.name}.dequantize", axis=axis))
     del graph.initializer[:]

@@ -12,9 +12,10 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import torch
 
-from taming_deploy.export.graph_files import save_graph
+from taming_deploy.export.graph_files import EXTERNAL_TENSOR_MIN_BYTES
 from taming_deploy.export.graphs import GraphDef
 
 OPSET = 21
@@ -83,6 +84,15 @@ def quiet_exporter():
 
 
 def export_graph(graph: GraphDef, path: Path) -> onnx.ModelProto:
+    """Export ``graph`` to ``path`` with every weight in ``PATH.data`` and return the graph without its
+    weights (its tensors name that file). The exporter then picks the file layout (graph_files.save_graph:
+    inline below the external-data threshold).
+
+    The exporter's model is written straight to the data file, tensor by tensor, instead of being
+    serialized into one ModelProto: at released sizes that in-memory copy of every weight (beside the
+    torch model's and the exporter's own folded copies) is what ran out of memory; and every later pass
+    (fp16, validation) reads the weights from the file a tensor at a time."""
+    path = Path(path)
     graph.module.eval()
     with quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
@@ -95,9 +105,11 @@ def export_graph(graph: GraphDef, path: Path) -> onnx.ModelProto:
             dynamic_shapes=graph.dynamic_shapes,
             verbose=False,
         )
-    model = program.model_proto
+    ir.save(program.model, str(path), external_data=f"{path.name}.data", size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+    del program
+    model = onnx.load(str(path), load_external_data=False)
     model.producer_name = "taming-deploy"
     name_axes(model, graph.axis_names)
     strip_exporter_metadata(model)
-    save_graph(model, path)
+    onnx.save_model(model, str(path))
     return model

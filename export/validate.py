@@ -224,15 +224,19 @@ def check_variant(model: TamingModel, ort32: OrtBackend, variant: OrtBackend, la
     yield Check("transformer", label, f"mean KL of next-token distribution vs fp32 ({positions} positions, nats)", mean_kl(logits32, logits), limits.mean_kl, False)
 
 
-def transformed_bundle(bundle_dir: Path, precision: str, transform: Callable[[onnx.ModelProto], onnx.ModelProto], workdir: Path,
+Transform = Callable[[onnx.ModelProto, Path], onnx.ModelProto]  # (graph, the directory of its external data) -> graph
+
+
+def transformed_bundle(bundle_dir: Path, precision: str, transform: Transform, workdir: Path,
                        weight_storage: str = "float") -> OrtBackend:
-    """The bundle's ``precision`` graphs passed through ``transform``, as a bundle in ``workdir``."""
+    """The bundle's ``precision`` graphs passed through ``transform``, as a bundle in ``workdir``. Each
+    graph is loaded without its external data, which the transform and the writer read a tensor at a time."""
     manifest = Bundle(bundle_dir).manifest
     graphs = {}
     for name, by_precision in manifest.graphs.items():
         source = Path(bundle_dir) / by_precision[precision].file
         target = Path(workdir) / source.name
-        save_graph(transform(onnx.load(str(source))), target)
+        save_graph(transform(onnx.load(str(source), load_external_data=False), source.parent), target, base_dir=source.parent)
         graphs[name] = {precision: graph_entry(target, precision, weight_storage)}
     write_manifest(workdir, Manifest(model=manifest.model, graphs=graphs, producer=manifest.producer))
     return OrtBackend(workdir, precision)
@@ -244,4 +248,4 @@ def emulated_fp16_backend(bundle_dir: Path, workdir: Path) -> OrtBackend:
     ONNX Runtime's CPU kernels run most fp16 ops in fp32 without rounding between them, which would
     hide fp16 overflow and error; the emulation (export/fp16.py) is what fp16 is judged by here.
     """
-    return transformed_bundle(bundle_dir, "fp16", fp16_storage_emulation, workdir)
+    return transformed_bundle(bundle_dir, "fp16", lambda model, _: fp16_storage_emulation(model), workdir)

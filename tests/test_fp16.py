@@ -75,7 +75,8 @@ def graphs(reference_model, tmp_path_factory) -> dict[str, onnx.ModelProto]:
 
     out = tmp_path_factory.mktemp("fp16_graphs")
     wanted = ("encoder", "decoder", "transformer")
-    return {g.name: export_graph(g, out / f"{g.name}.onnx") for g in graph_defs(reference_model, (SIZE, SIZE)) if g.name in wanted}
+    exported = {g.name: export_graph(g, out / f"{g.name}.onnx") for g in graph_defs(reference_model, (SIZE, SIZE)) if g.name in wanted}
+    return {name: onnx.load(str(out / f"{name}.onnx")) for name in exported}  # weights read back inline
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +212,34 @@ def stepped_top1(runner: ort.InferenceSession, sequences: np.ndarray, cache_shap
         cache[:, :, :, :, p : p + 1] = new_kv
         top1.append(logits.argmax(-1))
     return np.stack(top1, axis=1)
+
+
+def test_weights_in_a_data_file_give_the_same_fp16_graph_and_emulation(graphs, mixed, data, tmp_path):
+    """The exporter's path at released sizes: the fp32 graph's weights in a data file, read from it a
+    tensor at a time by the fp16 pass and written out the same way; the emulation reads no weight (a Cast
+    that ONNX Runtime folds). Same fp16 graph as the pass on the graph held in memory, same outputs."""
+    from taming_deploy.export.graph_files import is_external, model_tensors, save_graph
+
+    fp32 = onnx.ModelProto()
+    fp32.CopyFrom(graphs["decoder"])
+    save_graph(fp32, tmp_path / "decoder.onnx", threshold=0)
+    skeleton = onnx.load(str(tmp_path / "decoder.onnx"), load_external_data=False)
+    assert sum(is_external(t) for t in model_tensors(skeleton)) > 10
+    fp16, _ = to_mixed_precision(skeleton, data["feeds"]["decoder"], base_dir=tmp_path)
+    save_graph(fp16, tmp_path / "decoder.fp16.onnx", threshold=0, base_dir=tmp_path)
+    written, in_memory = onnx.load(str(tmp_path / "decoder.fp16.onnx")), mixed["decoder"][0]
+    assert list(written.graph.node) == list(in_memory.graph.node)
+    arrays = lambda m: {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}  # noqa: E731
+    got, expected = arrays(written), arrays(in_memory)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+    emulation = fp16_storage_emulation(onnx.load(str(tmp_path / "decoder.fp16.onnx"), load_external_data=False))
+    onnx.save_model(emulation, str(tmp_path / "emulation.onnx"))  # names decoder.fp16.onnx.data beside it
+    from_file = ort.InferenceSession(str(tmp_path / "emulation.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"indices": data["tokens"]}
+    np.testing.assert_array_equal(from_file.run(None, feed)[0], runners(in_memory)["emulated"].run(None, feed)[0])
 
 
 def test_transformer_greedy_agreement(graphs, mixed, data):

@@ -141,9 +141,9 @@ def test_int8_bundle_generates_and_tensorrt_build_accepts_its_int8_graphs(int8_b
 def test_int8_weights_that_move_the_outputs_fail_the_export_and_write_nothing(tiny_checkpoint: Path, tmp_path: Path, monkeypatch):
     import taming_deploy.export.exporter as exporter
 
-    def off_by_half(model: onnx.ModelProto) -> onnx.ModelProto:
+    def off_by_half(model: onnx.ModelProto, base_dir: Path) -> onnx.ModelProto:
         """The real conversion with every scale 1.5x too large: weights 50% off."""
-        stored = int8_weight_storage(model)
+        stored = int8_weight_storage(model, base_dir)
         for init in stored.graph.initializer:
             if init.name.endswith(".scale"):
                 init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
