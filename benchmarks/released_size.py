@@ -1,6 +1,6 @@
 """A model of the released S-FLCKR size, end to end through the CLI: import, export, generate on ONNX Runtime.
 
-    python benchmarks/released_size.py [--workdir DIR] [--keep] [--seed 0] [--tiny]
+    python benchmarks/released_size.py [--workdir DIR] [--keep] [--seed 0] [--tiny | --imagenet]
 
 The tests and the other benchmarks run small models; this one measures what a user of the released
 checkpoints meets: wall time, peak memory and disk sizes. It writes a checkpoint in the original
@@ -9,6 +9,10 @@ with random weights and the released S-FLCKR shapes: GPT 24 layers x 16 heads x 
 vocab 1024 (about 305 M parameters); first stage a VQModel f16 (ch 128, ch_mult [1,1,2,2,4], 2 res
 blocks, attention at 16, z_channels = embed_dim = 256, 1024 codes); condition stage a VQModel over 182
 labels (same f16 shape, 1024 codes) on the "segmentation" key, as the released project.yaml has it.
+``--imagenet``: the released class-conditional ImageNet shape instead: GPT 48 layers x 24 heads x 1536,
+block 256, vocab 16384 (about 1.4 B parameters, a 5.3 GiB fp32 transformer graph, so its weights go to
+ONNX external data), first stage the same f16 VQModel with 16384 codes, condition a Labelator over 1000
+classes; it samples class 1 instead of a label map.
 Then, each as its own subprocess of the installed CLI:
 
 1. ``taming-deploy import-taming``;
@@ -51,6 +55,8 @@ GPT_SHAPE = {"vocab_size": 1024, "block_size": 512, "n_layer": 24, "n_head": 16,
 
 TINY_DDCONFIG = {**RELEASED_DDCONFIG, "z_channels": 8, "ch": 32, "num_res_blocks": 1}  # --tiny: same kinds, small
 TINY_GPT = {**GPT_SHAPE, "n_layer": 1, "n_head": 2, "n_embd": 32}
+IMAGENET_GPT = {"vocab_size": 16384, "block_size": 256, "n_layer": 48, "n_head": 24, "n_embd": 1536}
+N_CLASSES = 1000
 
 
 def sflckr_project(tiny: bool = False) -> dict:
@@ -65,11 +71,20 @@ def sflckr_project(tiny: bool = False) -> dict:
     return net2net_project(first, cond, "segmentation", gpt(**transformer))
 
 
-def write_original_checkpoint(folder: Path, seed: int, tiny: bool) -> None:
+def imagenet_project() -> dict:
+    """project.yaml of the released class-conditional ImageNet shape (cin_transformer)."""
+    sys.path.insert(0, str(REPO))
+    from tests.original_checkpoints import LABELATOR, VQMODEL, gpt, net2net_project, vq_stage
+
+    first = vq_stage(VQMODEL, n_embed=16384, embed_dim=256, **RELEASED_DDCONFIG)
+    return net2net_project(first, {"target": LABELATOR, "params": {"n_classes": N_CLASSES}}, "class_label", gpt(**IMAGENET_GPT))
+
+
+def write_original_checkpoint(folder: Path, seed: int, kind: str) -> None:
     sys.path.insert(0, str(REPO))
     from tests.original_checkpoints import write_original
 
-    write_original(folder, sflckr_project(tiny), seed=seed)
+    write_original(folder, imagenet_project() if kind == "imagenet" else sflckr_project(kind == "tiny"), seed=seed)
 
 
 def write_label_map(path: Path, width: int, height: int, seed: int, rectangles: int = 12) -> None:
@@ -156,11 +171,14 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where every file goes (default: a new temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (checkpoints, bundle, images, logs)")
     parser.add_argument("--seed", type=int, default=0, help="weights, label map and sampling seed (default: %(default)s)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model of the same kinds and codebooks (checks this script in a minute)")
+    shapes = parser.add_mutually_exclusive_group()
+    shapes.add_argument("--tiny", action="store_true", help="a tiny model of the same kinds and codebooks (checks this script in a minute)")
+    shapes.add_argument("--imagenet", action="store_true", help="the class-conditional ImageNet shape (1.4 B GPT) instead of S-FLCKR")
     parser.add_argument("--write-original", type=Path, default=None, help=argparse.SUPPRESS)  # the checkpoint step's subprocess
     args = parser.parse_args()
+    kind = "tiny" if args.tiny else "imagenet" if args.imagenet else "sflckr"
     if args.write_original is not None:
-        write_original_checkpoint(args.write_original, args.seed, args.tiny)
+        write_original_checkpoint(args.write_original, args.seed, kind)
         return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="released_size-"))
@@ -174,7 +192,7 @@ def main() -> int:
     try:
         steps.append(run_step(Step("write original checkpoint (random weights)",
                                    [sys.executable, str(Path(__file__).resolve()), "--write-original", str(original),
-                                    "--seed", str(args.seed), *(["--tiny"] if args.tiny else [])]), workdir))
+                                    "--seed", str(args.seed), *([f"--{kind}"] if kind != "sflckr" else [])]), workdir))
         failed = steps[-1].rc != 0
         if not failed:
             steps.append(run_step(Step("import-taming", [*cli(), "import-taming", str(original / "last.ckpt"), "--config",
@@ -194,11 +212,15 @@ def main() -> int:
             failed = steps[-1].rc != 0
         if not failed:
             for width, height, mode in ((256, 256, "exact"), (512, 256, "fast")):
-                labels = workdir / f"labels_{width}x{height}.png"
-                write_label_map(labels, width, height, args.seed)
+                if kind == "imagenet":
+                    condition = ["--class-id", "1", "--size", f"{width}x{height}"]
+                else:
+                    labels = workdir / f"labels_{width}x{height}.png"
+                    write_label_map(labels, width, height, args.seed)
+                    condition = ["--cond", str(labels)]
                 stats = workdir / f"stats_{width}x{height}_{mode}.json"
                 step = run_step(Step(f"generate {width}x{height} --mode {mode} (ort)",
-                                     [*cli(), "generate", "--model", str(bundle), "--backend", "ort", "--cond", str(labels),
+                                     [*cli(), "generate", "--model", str(bundle), "--backend", "ort", *condition,
                                       "--mode", mode, "--seed", str(args.seed), "--out", str(workdir / f"out_{width}x{height}_{mode}.png"),
                                       "--stats", str(stats)]), workdir)
                 steps.append(step)
