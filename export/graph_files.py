@@ -75,7 +75,7 @@ def is_external(tensor: onnx.TensorProto) -> bool:
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the graph's tensors, those held in external data files included, without serializing it."""
-    return sum(ExternalDataInfo(t).length if is_external(t) else t.ByteSize() for t in model_tensors(model))
+    return sum((ExternalDataInfo(t).length or 0) if is_external(t) else t.ByteSize() for t in model_tensors(model))
 
 
 def read_external(tensor: onnx.TensorProto, base_dir: Path, files: dict[str, object]) -> bytes:
@@ -90,7 +90,7 @@ def read_external(tensor: onnx.TensorProto, base_dir: Path, files: dict[str, obj
     return data
 
 
-def write_external_data(model: onnx.ModelProto, path: Path, base_dir: Path | None) -> None:
+def write_external_data(model: onnx.ModelProto, path: Path, base_dir: Path) -> None:
     """Every tensor of ``EXTERNAL_TENSOR_MIN_BYTES`` or more, one at a time, into ``PATH.data``: tensors
     held inline and tensors in other data files (relative to ``base_dir``) alike; the model then names
     the new file. Written beside and renamed over, so the file being replaced may be a source."""
@@ -101,8 +101,6 @@ def write_external_data(model: onnx.ModelProto, path: Path, base_dir: Path | Non
         with open(partial, "wb") as out:
             for tensor in model_tensors(model):
                 if is_external(tensor):
-                    if base_dir is None:
-                        raise ValueError(f"{tensor.name}: external data, but no directory to read it from")
                     data = read_external(tensor, base_dir, sources)
                 elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES:
                     data = tensor.raw_data
@@ -118,6 +116,9 @@ def write_external_data(model: onnx.ModelProto, path: Path, base_dir: Path | Non
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, value
                 tensor.data_location = onnx.TensorProto.EXTERNAL
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     finally:
         for source in sources.values():
             source.close()
@@ -133,9 +134,12 @@ def save_graph(model: onnx.ModelProto, path: Path, threshold: int | None = None,
     the file written (its weights are no longer held in memory). A graph under the threshold is written
     whole, its external tensors read back into it, and a ``PATH.data`` of an earlier write is removed."""
     path = Path(path)
+    if base_dir is None:
+        if external := next((t.name for t in model_tensors(model) if is_external(t)), None):
+            raise ValueError(f"{external}: its data is in an external file; save_graph needs the base_dir to read it from")
+        base_dir = path.parent  # unused: nothing to read
     if tensor_bytes(model) <= (external_data_threshold() if threshold is None else threshold):
-        if base_dir is not None:
-            load_external_data_for_model(model, str(base_dir))
+        load_external_data_for_model(model, str(base_dir))
         onnx.save_model(model, str(path))
         (path.parent / f"{path.name}.data").unlink(missing_ok=True)
         return

@@ -192,3 +192,58 @@ def test_the_location_reader_agrees_with_onnx_on_nodes_subgraphs_and_small_tenso
     assert external_data_locations(path) == written and len(written) == 2  # "small" (16 bytes) stayed inline
     save_graph(onnx.load(str(path)), tmp_path / "inline.onnx", threshold=1 << 30)  # onnx.save moved model's weights out
     assert external_data_locations(tmp_path / "inline.onnx") == set()
+
+
+def test_save_graph_streams_weights_between_data_files_and_keeps_them_on_failure(tmp_path):
+    """save_graph reads a graph's external tensors a tensor at a time, also when it rewrites the data file
+    they come from (the exporter does: its fp32 graph is exported to NAME.onnx.data, then given its final
+    layout); large tensors start on 4096-byte boundaries; an external graph without its base_dir is
+    refused; a failed write leaves no partial file and the old data as it was; under the threshold the
+    graph is written inline and its old data file removed."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    rng = np.random.default_rng(0)
+    values = {"mid": rng.standard_normal(300).astype(np.float32),  # 1200 bytes: external, not aligned
+              "big": rng.standard_normal((600, 600)).astype(np.float32),  # 1.44 MB: aligned, after mid
+              "small": np.ones(3, np.float32)}  # under 1024 bytes: stays inline
+    nodes = [helper.make_node("MatMul", ["x", "big"], ["y"]), helper.make_node("Identity", ["mid"], ["m"]),
+             helper.make_node("Identity", ["small"], ["s"])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "m", "s")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 600])], outputs,
+                              initializer=[numpy_helper.from_array(v, k) for k, v in values.items()])
+    path = tmp_path / "g.onnx"
+    save_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path, threshold=0)
+    data = tmp_path / "g.onnx.data"
+
+    def written() -> dict[str, np.ndarray]:
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+    save_graph(onnx.load(str(path), load_external_data=False), path, threshold=0, base_dir=tmp_path)  # onto its own source
+    assert written().keys() == values.keys()
+    for name, value in written().items():
+        np.testing.assert_array_equal(value, values[name], err_msg=name)
+    infos = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    assert ExternalDataInfo(infos["big"]).offset % 4096 == 0 and not infos["small"].external_data
+    x = rng.standard_normal((1, 600)).astype(np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(y, x @ values["big"], rtol=1e-5, atol=1e-4)
+
+    with pytest.raises(ValueError, match="base_dir"):
+        save_graph(onnx.load(str(path), load_external_data=False), tmp_path / "other.onnx")
+    assert not (tmp_path / "other.onnx").exists()
+
+    before = sha256_file(data)
+    shortened = onnx.load(str(path), load_external_data=False)
+    (tmp_path / "short.data").write_bytes(data.read_bytes()[:4096])
+    for tensor in shortened.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "short.data"
+    with pytest.raises(RuntimeError, match="past the end"):
+        save_graph(shortened, path, threshold=0, base_dir=tmp_path)
+    assert sha256_file(data) == before and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+    save_graph(onnx.load(str(path), load_external_data=False), path, threshold=1 << 30, base_dir=tmp_path)
+    assert not data.exists() and external_data_locations(path) == set()
+    for name, value in written().items():
+        np.testing.assert_array_equal(value, values[name], err_msg=name)
