@@ -144,15 +144,14 @@ def generate(
     from taming_deploy.images import output_format, save_image
     from taming_deploy.pipeline import Pipeline
     from taming_deploy.progress import progress_bar
-    from taming_deploy.validation import check_request, check_sampling_options
+    from taming_deploy.validation import DEFAULT_WINDOW_STRIDE, check_request, check_sampling_options, check_stride_mode
 
     if backend not in ("auto", "torch", "ort", "trt"):
         raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
     if top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
-    if window_stride is not None and mode != "fast":
-        raise UserError("--window-stride applies to --mode fast only (exact mode places the window for every token)")
-    stride = 8 if window_stride is None else window_stride
+    check_stride_mode(window_stride, mode)
+    stride = DEFAULT_WINDOW_STRIDE if window_stride is None else window_stride
     check_request(n, parse_size(size), seed, mode, stride)  # before loading the model
     check_sampling_options(greedy, temperature, top_k or None, top_p)
     if cond is not None and class_id is not None:

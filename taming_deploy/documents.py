@@ -152,9 +152,19 @@ def read_text(path: Path, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> str
         raise UserError(f"{path}: the {what} is not UTF-8 text (byte {exc.start})") from None
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refusing a key given twice (json.loads would keep the last one silently)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"the key {shown(key)} appears more than once in one object")
+        data[key] = value
+    return data
+
+
 def parse_json(text: str, source: str, what: str) -> Doc:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         raise UserError(f"{source}: the {what} is not valid JSON ({first_line(exc, 120)})") from None
     return Doc(data, source)
