@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -136,6 +137,24 @@ async def body_prefix(http: Request, limit: int) -> bytes:
         if size >= limit:
             break
     return b"".join(chunks)
+
+
+def check_listen_address(host: str, port: int, address: str | None) -> None:
+    """Before Ray starts: ``host`` is an address of this machine and, for a Ray of our own, ``port`` is
+    free on it (Ray Serve fails a bad one later, with a traceback). Joining a cluster, Serve may already
+    listen there: check_http_address decides."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise UserError(f"--host {host[:60]!r} is not an address or host name here ({exc})") from None
+    if address is not None:
+        return
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def check_http_address(host: str, port: int) -> None:

@@ -20,6 +20,7 @@ from taming_deploy.errors import RequestTooLarge, UserError
 from taming_deploy.spec import ModelSpec
 
 MODES = ("exact", "fast")
+BACKENDS = ("auto", "torch", "ort", "trt")
 DEFAULT_WINDOW_STRIDE = 8
 INTEGER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only: int() would take '١٢', '1_000' and ' 5 '
 REAL = re.compile(r"[+-]?([0-9]{1,40}(\.[0-9]{0,40})?|\.[0-9]{1,40})([eE][+-]?[0-9]{1,4})?")  # no nan, inf, '1_0'
@@ -30,6 +31,17 @@ DECODER_BYTES_PER_PIXEL = 1024  # about two float32 activations of 128 channels 
 
 def is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_backend(backend: Any) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise UserError(f"--backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {backend!r}"[:300])
+
+
+def check_model_path(path: Any) -> None:
+    """What ``Pipeline.load`` and the backends take as a model: a path, or None (the embedded model)."""
+    if path is not None and not isinstance(path, (str, Path)):
+        raise UserError(f"a model is a bundle or checkpoint path (or None: the embedded model), not {type(path).__name__}")
 
 
 def check_sampling_options(greedy: Any, temperature: Any, top_k: Any, top_p: Any) -> None:

@@ -64,6 +64,12 @@ CASES = [
     Case("condition-in-pillow-warning-range", BOMB, ("bomb.png", "10000x10000"), png_header_only(10000, 10000)),
     Case("condition-animated", GENERATE.replace("{labels}", "{tmp}/anim.png"), ("anim.png", "animated", "2 frames"), animated_png),
     Case("condition-name-with-newline", GENERATE.replace("{labels}", "'{tmp}/no\nfile.png'"), ("no\\nfile.png", "no such file")),
+    Case("eval-backend-unknown", "eval --quick --backend xyz", ("--backend", "'xyz'")),  # was an AssertionError
+    Case("serve-timeout-nan", "serve --timeout-s nan", ("--timeout-s",)),  # nan passed every comparison
+    Case("serve-batch-wait-infinite", "serve --batch-wait-ms inf", ("--batch-wait-ms", "finite")),
+    Case("serve-cpus-infinite", "serve --cpus-per-replica inf", ("--cpus-per-replica",)),  # was Ray's OverflowError
+    Case("serve-host-with-newline", "serve --host '127.0.0.1\nx'", ("--host", "not an address")),  # was Ray's RuntimeError
+    Case("serve-host-not-here", "serve --host 192.0.2.1", ("cannot listen on 192.0.2.1:8000",)),
     Case("out-name-with-newline", GENERATE + "--out '{tmp}/a\nb.png'", ("a\\nb.png", "control character")),
 ]
 
@@ -156,6 +162,30 @@ def test_generate_batch_takes_any_iterable_of_requests(pipeline, expected):
 
     requests = (GenerationRequest(cond=expected["labels"].astype(np.uint8), greedy=True, seed=k) for k in range(2))
     assert len(pipeline.generate_batch(requests)) == 2
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_ray_starts(tmp_path):
+    import socket
+
+    from helpers import assert_one_line_error, run_cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", "--port", str(port), timeout=120)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}", "in use")
+
+
+@pytest.mark.parametrize("args,needle", [((5,), "not int"), ((None, "xyz"), "'xyz'"), ((None, ["ort"]), "['ort']")],
+                         ids=["path-an-int", "backend-unknown", "backend-a-list"])
+def test_hostile_pipeline_load_argument(args, needle):
+    from taming_deploy.pipeline import Pipeline
+
+    with pytest.raises(UserError, match=None) as info:
+        Pipeline.load(*args)
+    assert needle in str(info.value)
 
 
 def test_memory_estimate_counts_the_cache_of_every_image():
