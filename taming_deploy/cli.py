@@ -354,7 +354,7 @@ def build(
 
     if precision not in (None, "fp16", "fp32"):
         raise UserError(f"--precision must be fp16 or fp32, got {precision!r}")
-    size = parse_size(max_size)
+    size = parse_size(max_size, "--max-size")
     assert size is not None
     out = build_engines(bundle or DEFAULT_MODEL, precision=precision, max_size=size, max_batch=max_batch, workspace_gib=workspace_gib,
                         opt_level=opt_level, log=typer.echo, force=force)

@@ -86,16 +86,16 @@ def parse_real(text: str, name: str) -> float:
     return value
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """'WxH' (the CLI's --size, the HTTP size parameter) -> (W, H)."""
+def parse_size(text: str | None, name: str = "--size") -> tuple[int, int] | None:
+    """'WxH' (the CLI's --size, --max-size and --sizes, the HTTP size parameter) -> (W, H)."""
     if text is None:
         return None
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(INTEGER.fullmatch(part) for part in parts):
-        raise UserError(f"--size must look like 512x256 (width x height), got {text[:40]!r}")
+        raise UserError(f"{name} must look like 512x256 (width x height), got {text[:40]!r}")
     width, height = (int(part) for part in parts)
     if width < 1 or height < 1:
-        raise UserError(f"--size must be positive, got {text[:40]!r}")
+        raise UserError(f"{name} must be positive, got {text[:40]!r}")
     return width, height
 
 

@@ -70,6 +70,10 @@ CASES = [
     Case("serve-cpus-infinite", "serve --cpus-per-replica inf", ("--cpus-per-replica",)),  # was Ray's OverflowError
     Case("serve-host-with-newline", "serve --host '127.0.0.1\nx'", ("--host", "not an address")),  # was Ray's RuntimeError
     Case("serve-host-not-here", "serve --host 192.0.2.1", ("cannot listen on 192.0.2.1:8000",)),
+    Case("size-arabic-indic-digits", GENERATE + "--size \u0665\u0661\u0662x64", ("--size must look like",)),  # int() read them
+    Case("eval-sizes-trailing-comma", "eval --quick --sizes 256x256,", ("--sizes must look like", "''")),
+    Case("eval-sizes-full-width", "eval --quick --sizes \uff12\uff15\uff16x256", ("--sizes must look like",)),
+    Case("build-max-size-zero", "build --max-size 0x5", ("--max-size must be positive",)),  # said --size
     Case("out-name-with-newline", GENERATE + "--out '{tmp}/a\nb.png'", ("a\\nb.png", "control character")),
 ]
 
