@@ -28,6 +28,7 @@ from taming_deploy.errors import UserError
 from taming_deploy.images import to_pil
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions, TokenStream
+from taming_deploy.spec import ModelSpec
 from taming_deploy.validation import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_WINDOW_STRIDE,
@@ -58,6 +59,9 @@ class Pipeline:
     """
 
     def __init__(self, backend: Backend):
+        if not isinstance(getattr(backend, "spec", None), ModelSpec):
+            raise UserError(f"Pipeline takes a loaded backend, not {type(backend).__name__}; "
+                            "Pipeline.load(path, backend) loads a model")
         self.backend = backend
         self.spec = backend.spec
         self._lock = threading.Lock()

@@ -192,6 +192,16 @@ def test_hostile_pipeline_load_argument(args, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("backend", [5, "ort", None], ids=["an-int", "a-backend-name", "none"])
+def test_hostile_pipeline_constructor_argument(backend):
+    """Pipeline(5) was an AttributeError ('int' object has no attribute 'spec')."""
+    from taming_deploy.pipeline import Pipeline
+
+    with pytest.raises(UserError, match="Pipeline takes a loaded backend, not") as info:
+        Pipeline(backend)
+    assert "Pipeline.load" in str(info.value)
+
+
 def test_memory_estimate_counts_the_cache_of_every_image():
     """The embedded model's cache is n_layer x 2 x n x heads x block x head_dim float32: 6.4 MB an image."""
     from taming_deploy.bundle import Bundle
