@@ -196,6 +196,9 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_serving(server):
         (generate_url(server, size="4096x4096"), png(labels(0)), 413),
         (generate_url(server), b"not a png at all", 400),
         (generate_url(server, class_id=3), b"", 400),  # a segmentation model takes no class id
+        (generate_url(server, seed=0) + "&seed=1", png(labels(0)), 400),  # a repeated parameter
+        (generate_url(server), b"\x89PNG" + bytes(17 << 20), 413),  # over the 16 MiB body limit
+        (generate_url(server, n=0), png(labels(0)), 400),  # was served as n=1
         (server + "/nowhere", None, 404),
     ]:
         reply = call(url, body)
