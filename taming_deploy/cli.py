@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,7 @@ import numpy as np
 import typer
 
 from taming_deploy.errors import UserError
-from taming_deploy.validation import parse_size
-from taming_deploy.validation import DEFAULT_MAX_PIXELS
+from taming_deploy.validation import DEFAULT_MAX_PIXELS, check_backend, parse_size
 
 Force = Annotated[bool, typer.Option("--force", help="Also replace outputs taming-deploy did not write (in a directory: only the entries this command writes; other files are kept)")]
 
@@ -144,15 +144,13 @@ def generate(
     from taming_deploy.images import output_format, save_image
     from taming_deploy.pipeline import Pipeline
     from taming_deploy.progress import progress_bar
-    from taming_deploy.validation import check_request, check_sampling_options
+    from taming_deploy.validation import DEFAULT_WINDOW_STRIDE, check_request, check_sampling_options, check_stride_mode
 
-    if backend not in ("auto", "torch", "ort", "trt"):
-        raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
+    check_backend(backend)
     if top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
-    if window_stride is not None and mode != "fast":
-        raise UserError("--window-stride applies to --mode fast only (exact mode places the window for every token)")
-    stride = 8 if window_stride is None else window_stride
+    check_stride_mode(window_stride, mode)
+    stride = DEFAULT_WINDOW_STRIDE if window_stride is None else window_stride
     check_request(n, parse_size(size), seed, mode, stride)  # before loading the model
     check_sampling_options(greedy, temperature, top_k or None, top_p)
     if cond is not None and class_id is not None:
@@ -356,7 +354,7 @@ def build(
 
     if precision not in (None, "fp16", "fp32"):
         raise UserError(f"--precision must be fp16 or fp32, got {precision!r}")
-    size = parse_size(max_size)
+    size = parse_size(max_size, "--max-size")
     assert size is not None
     out = build_engines(bundle or DEFAULT_MODEL, precision=precision, max_size=size, max_batch=max_batch, workspace_gib=workspace_gib,
                         opt_level=opt_level, log=typer.echo, force=force)
@@ -387,6 +385,7 @@ def eval_command(
     Needs PyTorch (pip install 'taming-deploy[train]' and the LPIPS weights): LPIPS and the segmenter
     that judges label following are torch networks. Each part's numbers print as soon as it is done.
     """
+    check_backend(backend)
     if top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     try:
@@ -422,21 +421,21 @@ def serve(
 ) -> None:
     """Serve generation over HTTP on Ray Serve (POST /generate, GET /health, GET /info)."""
     try:
-        from taming_deploy.serving import ServiceConfig, serve_forever
+        from taming_deploy.serving import ServiceConfig, check_listen_address, serve_forever
     except ImportError as exc:
         raise UserError(f"serve needs Ray Serve ({exc.name} is missing): pip install 'taming-deploy[serve]'") from None
     from taming_deploy.http_request import ServiceLimits
     from taming_deploy.pipeline import Pipeline
 
-    if backend not in ("auto", "torch", "ort", "trt"):
-        raise UserError(f"--backend must be auto, torch, ort or trt, got {backend!r}")
+    check_backend(backend)
     for name, value in (("--replicas", replicas), ("--max-batch", max_batch), ("--max-pixels", max_pixels), ("--max-n", max_n)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
-    if batch_wait_ms < 0 or timeout_s <= 0 or cpus_per_replica < 0:
-        raise UserError("--batch-wait-ms and --cpus-per-replica must be >= 0 and --timeout-s > 0")
+    if not (0 <= batch_wait_ms < math.inf and 0 < timeout_s < math.inf and 0 <= cpus_per_replica < math.inf):
+        raise UserError("--batch-wait-ms and --cpus-per-replica must be finite numbers >= 0 and --timeout-s one > 0")
+    check_listen_address(host, port, address)
     Pipeline.load(model, backend)  # type: ignore[arg-type]  # a bad model fails here, in one line, before Ray starts
     config = ServiceConfig(model=None if model is None else str(model.resolve()), backend=backend,
                            limits=ServiceLimits(max_pixels=max_pixels, max_n=max_n, timeout_s=timeout_s), max_batch=max_batch,

@@ -5,13 +5,15 @@ accepted only when the model has a palette and every pixel is exactly one of its
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from taming_deploy.documents import first_line
-from taming_deploy.errors import UserError
+from taming_deploy.errors import RequestTooLarge, UserError
 from taming_deploy.images import from_pil
 from taming_deploy.labels import palette_listing
 from taming_deploy.spec import ConditionSpec
@@ -25,16 +27,28 @@ def open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     if not path.is_file():
         kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)" if path.exists() else "no such file"
         raise UserError(f"{path}: {kind}; name an image file")
+    return decode_image(path, str(path), max_pixels)
+
+
+def decode_image(file: Path | IO[bytes], source: str, max_pixels: int, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Open and decode one still image (of ``formats``, default any Pillow reads), refusing an empty or
+    animated one and one beyond ``max_pixels`` from its header, before decoding: the one reading of
+    condition images, for the CLI, the Python API (paths) and the service (request bodies)."""
     try:
-        image = Image.open(path)
-        check_image_size(image.width, image.height, str(path), max_pixels)  # from the header, before decoding
+        with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: our own limit is checked next
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file, formats=formats)
+        check_image_size(image.width, image.height, source, max_pixels)
+        if getattr(image, "n_frames", 1) > 1:
+            raise UserError(f"{source}: an animated image ({image.n_frames} frames); a condition is one still image")
         image.load()  # decode now, so a truncated file fails here and not halfway through sampling
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file Pillow can read") from None
+        kind = "a " + " or ".join(formats) + " image" if formats else "an image file Pillow can read"
+        raise UserError(f"{source}: not {kind}") from None
     except Image.DecompressionBombError as exc:  # raised by Image.open itself, past twice Pillow's own limit
-        raise UserError(f"{path}: {first_line(exc)}; taming-deploy's limit is {max_pixels:,} pixels (--max-pixels)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: cannot decode image ({exc}); is the file truncated or corrupt?") from None
+        raise RequestTooLarge(f"{source}: {first_line(exc)}; taming-deploy's limit is {max_pixels:,} pixels (--max-pixels)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UserError(f"{source}: cannot decode image ({first_line(exc)}); is the file truncated or corrupt?") from None
     return image
 
 

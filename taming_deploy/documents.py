@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,14 +138,31 @@ def item_str(source: str = "", max_length: int = 4096) -> Callable[[Any, str], s
     return check
 
 
+def check_regular_file(path: Path, what: str) -> os.stat_result:
+    """``path`` (links followed) is a regular file: opening a FIFO blocks, and /dev/zero never ends."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; the {what} must be a file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({first_line(exc.strerror or exc)})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, pipe or socket)"
+        raise UserError(f"{path}: {kind}; the {what} must be a file")
+    return info
+
+
 def read_text(path: Path, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> str:
     """A document's text: bounded in size and valid UTF-8."""
     path = Path(path)
+    info = check_regular_file(path, what)
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise UserError(f"{path}: {size} bytes is too large for a {what} (at most {max_bytes})")
-        data = path.read_bytes()
+        if info.st_size > max_bytes:
+            raise UserError(f"{path}: {info.st_size} bytes is too large for a {what} (at most {max_bytes})")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # bounded even if the file grows meanwhile
+        if len(data) > max_bytes:
+            raise UserError(f"{path}: the {what} grew past {max_bytes} bytes while it was read")
     except OSError as exc:
         raise UserError(f"{path}: cannot read the {what} ({first_line(exc.strerror or exc)})") from None
     try:
@@ -152,9 +171,19 @@ def read_text(path: Path, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> str
         raise UserError(f"{path}: the {what} is not UTF-8 text (byte {exc.start})") from None
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refusing a key given twice (json.loads would keep the last one silently)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"the key {shown(key)} appears more than once in one object")
+        data[key] = value
+    return data
+
+
 def parse_json(text: str, source: str, what: str) -> Doc:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=unique_keys)
     except (ValueError, RecursionError) as exc:
         raise UserError(f"{source}: the {what} is not valid JSON ({first_line(exc, 120)})") from None
     return Doc(data, source)

@@ -21,6 +21,7 @@ import re
 import shutil
 import stat
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
@@ -63,6 +64,7 @@ def check_replaceable(target: Path, inputs: Iterable[Path] = (), force: bool = F
     """Raise UserError unless ``target`` may be replaced: absent, an empty directory or an earlier output of
     ours (with ``force``, any directory), and holding none of ``inputs``."""
     target = Path(target)
+    check_output_name(target)
     resolved = target.resolve()
     for source in inputs:
         source_resolved = Path(source).resolve()
@@ -242,9 +244,11 @@ def check_output_file(target: Path, force: bool = False) -> None:
     target = Path(target)
     if not target.name or target.name in (".", ".."):
         raise UserError(f"output path {str(target)!r} names no file")
-    if len(os.fsencode(target.name)) > NAME_MAX:
-        raise UserError(f"{target.name[:40]}...: file name too long ({len(os.fsencode(target.name))} bytes, at most {NAME_MAX})")
+    check_output_name(target)
     ancestor = existing_ancestor(target)
+    if target.is_symlink() and not force:
+        raise UserError(f"{target} is a symbolic link; choose another name, or pass --force to replace the link "
+                        "(never the file it points to)")
     try:
         mode = os.stat(target).st_mode
     except FileNotFoundError:
@@ -258,6 +262,15 @@ def check_output_file(target: Path, force: bool = False) -> None:
     if mode is not None and not force and not is_own_file(target):
         raise UserError(f"{target} exists and taming-deploy did not write it; choose another name, or pass --force to replace it")
     check_can_create_in(ancestor, target)
+
+
+def check_output_name(target: Path) -> None:
+    """An output's name: within NAME_MAX, and free of control characters (a newline in a file name breaks
+    every line-based tool, and the lines taming-deploy prints about it)."""
+    if len(os.fsencode(target.name)) > NAME_MAX:
+        raise UserError(f"{target.name[:40]}...: file name too long ({len(os.fsencode(target.name))} bytes, at most {NAME_MAX})")
+    if any(unicodedata.category(ch) == "Cc" for ch in target.name):
+        raise UserError(f"{target}: the output name holds a control character (a newline?); choose a plain name")
 
 
 def existing_ancestor(target: Path) -> Path:

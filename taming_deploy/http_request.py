@@ -7,15 +7,23 @@ message the CLI prints for the same mistake.
 from __future__ import annotations
 
 import io
-import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from taming_deploy.errors import UserError
+from taming_deploy.conditions import decode_image
+from taming_deploy.errors import RequestTooLarge, UserError
 from taming_deploy.pipeline import GenerationRequest
-from taming_deploy.validation import check_request, check_sampling_options, parse_size
+from taming_deploy.validation import (
+    DEFAULT_WINDOW_STRIDE,
+    check_request,
+    check_sampling_options,
+    check_stride_mode,
+    parse_integer,
+    parse_real,
+    parse_size,
+)
 
 BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 OUTPUT_FORMATS = ("png", "json")
@@ -32,31 +40,24 @@ class ServiceLimits:
     timeout_s: float = 600.0  # from arrival at a replica to the reply, queueing for a batch included
 
 
-class RequestTooLarge(UserError):
-    """A request over the service's limits (HTTP 413 rather than 400)."""
+def query_parameters(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The query's (name, value) pairs as a mapping, refusing a name given twice (which one would win?)."""
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name in params:
+            raise UserError(f"query parameter {name[:40]!r} is given more than once; give it once")
+        params[name] = value
+    return params
 
 
 def integer(params: Mapping[str, str], name: str) -> int | None:
     text = params.get(name)
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{name} must be an integer, got {text[:40]!r}") from None
+    return None if text is None else parse_integer(text, name)
 
 
 def real(params: Mapping[str, str], name: str) -> float | None:
     text = params.get(name)
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"{name} must be a number, got {text[:40]!r}") from None
-    if not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {text[:40]!r}")
-    return value
+    return None if text is None else parse_real(text, name)
 
 
 def boolean(params: Mapping[str, str], name: str) -> bool:
@@ -71,18 +72,10 @@ def condition_image(body: bytes, content_type: str | None, limits: ServiceLimits
     if not body:
         return None
     if len(body) > limits.max_body_bytes:
-        raise RequestTooLarge(f"the condition is {len(body)} bytes; this service takes at most {limits.max_body_bytes}")
-    if content_type is not None and content_type.split(";")[0].strip() not in ("image/png", "application/octet-stream"):
+        raise RequestTooLarge(f"the condition is over this service's limit of {limits.max_body_bytes} bytes")
+    if content_type is not None and content_type.split(";")[0].strip().lower() not in ("image/png", "application/octet-stream"):
         raise UserError(f"the condition must be sent as Content-Type: image/png, got {content_type[:60]!r}")
-    try:
-        image = Image.open(io.BytesIO(body))
-        if image.width * image.height > limits.max_pixels:
-            raise RequestTooLarge(f"the condition is {image.width}x{image.height} pixels; this service takes at most "
-                                  f"{limits.max_pixels} pixels per request")
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"the request body is not a readable PNG ({str(exc)[:80]})") from None
-    return image
+    return decode_image(io.BytesIO(body), "the request body", limits.max_pixels, formats=("PNG",))
 
 
 def generation_request(params: Mapping[str, str], body: bytes, content_type: str | None,
@@ -98,22 +91,26 @@ def generation_request(params: Mapping[str, str], body: bytes, content_type: str
     class_id = integer(params, "class_id")
     if image is not None and class_id is not None:
         raise UserError("send either a condition image or class_id, not both")
-    n = integer(params, "n") or 1
-    if not 1 <= n <= limits.max_n:
+    n = integer(params, "n")
+    n = 1 if n is None else n
+    if n > limits.max_n:
         raise RequestTooLarge(f"n must be between 1 and {limits.max_n} on this service, got {n}")
+    check_request(n, None, None, "exact", DEFAULT_WINDOW_STRIDE)  # n >= 1 (a 400), before n x pixels is computed
     size = parse_size(params.get("size"))
     pixels = n * (size[0] * size[1] if size else image.width * image.height if image else 0)
     if pixels > limits.max_pixels:
         raise RequestTooLarge(f"the request asks for {pixels} pixels (n x width x height); this service takes at most "
                               f"{limits.max_pixels}")
-    top_k, temperature = integer(params, "top_k"), real(params, "temperature")
+    top_k, temperature, stride = integer(params, "top_k"), real(params, "temperature"), integer(params, "window_stride")
+    mode = params.get("mode", "exact")
+    check_stride_mode(stride, mode)
     request = GenerationRequest(
         cond=image if image is not None else class_id,
         n=n,
         size=size,
         seed=integer(params, "seed"),
-        mode=params.get("mode", "exact")[:40],  # type: ignore[arg-type]
-        window_stride=integer(params, "window_stride") or 8,
+        mode=mode[:40],  # type: ignore[arg-type]
+        window_stride=DEFAULT_WINDOW_STRIDE if stride is None else stride,
         greedy=boolean(params, "greedy"),
         top_k=100 if top_k is None else top_k or None,
         top_p=real(params, "top_p"),

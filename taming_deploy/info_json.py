@@ -5,11 +5,11 @@ each graph file's size on disk, and engines.json when engines were built. A chec
 config.json and the parameter count of each stage."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from taming_deploy.bundle import Bundle
+from taming_deploy.documents import read_json
 from taming_deploy.info import parameter_counts
 from taming_deploy.model_paths import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, model_kind
 
@@ -23,7 +23,7 @@ def bundle_json(path: Path) -> dict[str, Any]:
         "path": str(path),
         "manifest": manifest.to_dict(),
         "file_bytes": {file: (path / file).stat().st_size for file in files if (path / file).is_file()},
-        "engines": json.loads(engines.read_text()) if engines.is_file() else None,
+        "engines": read_json(engines, "engines manifest").data if engines.is_file() else None,
     }
 
 
@@ -31,7 +31,7 @@ def checkpoint_json(path: Path) -> dict[str, Any]:
     return {
         "kind": "checkpoint",
         "path": str(path),
-        "config": json.loads((path / CHECKPOINT_CONFIG).read_text()),
+        "config": read_json(path / CHECKPOINT_CONFIG, "checkpoint config").data,
         "parameters": parameter_counts(path / CHECKPOINT_WEIGHTS),
     }
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,8 +28,10 @@ from taming_deploy.errors import UserError
 from taming_deploy.images import to_pil
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions, TokenStream
+from taming_deploy.spec import ModelSpec
 from taming_deploy.validation import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_WINDOW_STRIDE,
     check_generation_size,
     check_max_pixels,
     check_request,
@@ -56,6 +59,9 @@ class Pipeline:
     """
 
     def __init__(self, backend: Backend):
+        if not isinstance(getattr(backend, "spec", None), ModelSpec):
+            raise UserError(f"Pipeline takes a loaded backend, not {type(backend).__name__}; "
+                            "Pipeline.load(path, backend) loads a model")
         self.backend = backend
         self.spec = backend.spec
         self._lock = threading.Lock()
@@ -110,7 +116,7 @@ class Pipeline:
         size: tuple[int, int] | None = None,
         seed: int | None = None,
         mode: Mode = "exact",
-        window_stride: int = 8,
+        window_stride: int = DEFAULT_WINDOW_STRIDE,
         greedy: bool = False,
         top_k: int | None = 100,
         top_p: float | None = None,
@@ -125,7 +131,7 @@ class Pipeline:
         request = GenerationRequest(cond, n, size, seed, mode, window_stride, greedy, top_k, top_p, temperature)
         return self.generate_batch([request], on_token=on_token, max_pixels=max_pixels)[0]
 
-    def generate_batch(self, requests: Sequence[GenerationRequest], on_token: Callable[[int, int], None] | None = None,
+    def generate_batch(self, requests: Iterable[GenerationRequest], on_token: Callable[[int, int], None] | None = None,
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Generation]:
         """Several requests, each with its own condition, seed and options, in as few sampler runs as
         possible: requests of the same latent size and sampling options share one run (one transformer
@@ -133,6 +139,7 @@ class Pipeline:
         Each request's images equal what it gives alone, because every image draws from its own random
         stream, keyed by (seed, image index, latent cell). A bad request fails the call with its message."""
         max_pixels = check_max_pixels(max_pixels)
+        requests = check_requests(requests, on_token)
         options = [self.check(request, max_pixels) for request in requests]  # before any condition is read
         with self._lock:
             prepared = [self.prepare(request, o, max_pixels) for request, o in zip(requests, options)]
@@ -209,7 +216,7 @@ class GenerationRequest:
     size: tuple[int, int] | None = None  # (width, height) pixels
     seed: int | None = None
     mode: Mode = "exact"
-    window_stride: int = 8
+    window_stride: int = DEFAULT_WINDOW_STRIDE
     greedy: bool = False
     top_k: int | None = 100
     top_p: float | None = None
@@ -235,6 +242,19 @@ class PreparedRequest:
     def cells(self) -> int:
         """Latent cells of all the request's images."""
         return self.request.n * self.latent[0] * self.latent[1]
+
+
+def check_requests(requests: Any, on_token: Any) -> list[GenerationRequest]:
+    """``generate_batch``'s arguments as a list of requests, or one line saying what they are instead."""
+    if on_token is not None and not callable(on_token):
+        raise UserError(f"on_token must be a function (done, total) or None, not {type(on_token).__name__}")
+    if isinstance(requests, (str, bytes, GenerationRequest)) or not isinstance(requests, Iterable):
+        raise UserError(f"generate_batch takes a list of GenerationRequest, not {type(requests).__name__}")
+    requests = list(requests)
+    for k, request in enumerate(requests):
+        if not isinstance(request, GenerationRequest):
+            raise UserError(f"generate_batch: request {k} is a {type(request).__name__}, not a GenerationRequest")
+    return requests
 
 
 def sampler_runs(prepared: Sequence[PreparedRequest], max_cells: int) -> list[list[int]]:

@@ -93,11 +93,14 @@ def choose_tokens(logits: np.ndarray, options: SamplingOptions, uniforms: np.nda
     filtered distribution at each uniform (greedy ignores the uniforms)."""
     if options.greedy:
         return logits.argmax(axis=-1).astype(np.int64)
-    scores = logits.astype(np.float64) / options.temperature
+    scores = logits.astype(np.float64)
+    # shifted to a maximum of 0 before the division: a tiny temperature then gives -inf, never inf - inf = NaN
+    with np.errstate(over="ignore"):
+        scores = (scores - scores.max(axis=-1, keepdims=True)) / options.temperature
     if options.top_k is not None and options.top_k < scores.shape[-1]:
         kth_largest = np.partition(scores, -options.top_k, axis=-1)[:, -options.top_k, None]
         scores = np.where(scores < kth_largest, -np.inf, scores)
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
     if options.top_p is not None and options.top_p < 1:
         probs = nucleus(probs, options.top_p)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,8 +30,8 @@ from ray.serve.config import HTTPOptions
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from taming_deploy.errors import UserError
-from taming_deploy.http_request import RequestTooLarge, ServiceLimits, generation_request
+from taming_deploy.errors import RequestTooLarge, UserError
+from taming_deploy.http_request import ServiceLimits, generation_request, query_parameters
 from taming_deploy.images import grid
 from taming_deploy.pipeline import Generation, GenerationRequest, Pipeline
 
@@ -114,8 +115,9 @@ class GenerationService:
             return JSONResponse({"error": f"no route {http.method} {route[:80]}; try POST /generate, GET /info"},
                                 status_code=404)
         try:
-            job = generation_request(dict(http.query_params), await http.body(), http.headers.get("content-type"),
-                                     self.limits)
+            job = generation_request(query_parameters(http.query_params.multi_items()),
+                                     await body_prefix(http, self.limits.max_body_bytes + 1),
+                                     http.headers.get("content-type"), self.limits)
         except UserError as exc:
             return error_response(exc)
         try:
@@ -123,6 +125,36 @@ class GenerationService:
         except asyncio.TimeoutError:  # still queued: dropped from its batch; already sampling: its result is discarded
             return JSONResponse({"error": f"no reply within this service's request timeout of "
                                           f"{self.limits.timeout_s:g} s (--timeout-s)"}, status_code=504)
+
+
+async def body_prefix(http: Request, limit: int) -> bytes:
+    """At most ``limit`` bytes of the request body: enough for ``generation_request`` to refuse one over
+    the service's limit, without holding a body of any size in the replica's memory."""
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        chunks.append(chunk[: limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
+            break
+    return b"".join(chunks)
+
+
+def check_listen_address(host: str, port: int, address: str | None) -> None:
+    """Before Ray starts: ``host`` is an address of this machine and, for a Ray of our own, ``port`` is
+    free on it (Ray Serve fails a bad one later, with a traceback). Joining a cluster, Serve may already
+    listen there: check_http_address decides."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise UserError(f"--host {host[:60]!r} is not an address or host name here ({exc})") from None
+    if address is not None:
+        return
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def check_http_address(host: str, port: int) -> None:

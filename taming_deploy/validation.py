@@ -8,6 +8,7 @@ the estimated memory shown when a request is refused.
 from __future__ import annotations
 
 import math
+import re
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from taming_deploy.errors import UserError
+from taming_deploy.errors import RequestTooLarge, UserError
 from taming_deploy.spec import ModelSpec
 
 MODES = ("exact", "fast")
+BACKENDS = ("auto", "torch", "ort", "trt")
+DEFAULT_WINDOW_STRIDE = 8
+INTEGER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only: int() would take '١٢', '1_000' and ' 5 '
+REAL = re.compile(r"[+-]?([0-9]{1,40}(\.[0-9]{0,40})?|\.[0-9]{1,40})([eE][+-]?[0-9]{1,4})?")  # no nan, inf, '1_0'
 MAX_SEED = 2**63 - 1
 DEFAULT_MAX_PIXELS = 2048 * 2048  # per batch: 16 images of 512x512; the embedded model's 512x256 x4 uses 1/8 of it
 DECODER_BYTES_PER_PIXEL = 1024  # about two float32 activations of 128 channels at full resolution
@@ -26,6 +31,17 @@ DECODER_BYTES_PER_PIXEL = 1024  # about two float32 activations of 128 channels 
 
 def is_int(value: Any) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_backend(backend: Any) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise UserError(f"--backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {backend!r}"[:300])
+
+
+def check_model_path(path: Any) -> None:
+    """What ``Pipeline.load`` and the backends take as a model: a path, or None (the embedded model)."""
+    if path is not None and not isinstance(path, (str, Path)):
+        raise UserError(f"a model is a bundle or checkpoint path (or None: the embedded model), not {type(path).__name__}")
 
 
 def check_sampling_options(greedy: Any, temperature: Any, top_k: Any, top_p: Any) -> None:
@@ -55,17 +71,38 @@ def check_request(n: Any, size: Any, seed: Any, mode: Any, window_stride: Any) -
         raise UserError(f"window stride must be an integer >= 1, got {window_stride!r}")
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """'WxH' (the CLI's --size, the HTTP size parameter) -> (W, H)."""
+def parse_integer(text: str, name: str) -> int:
+    """A decimal integer typed by a user (an HTTP query parameter)."""
+    if not INTEGER.fullmatch(text):
+        raise UserError(f"{name} must be an integer of at most 40 digits, got {text[:40]!r}")
+    return int(text)
+
+
+def parse_real(text: str, name: str) -> float:
+    """A finite decimal number typed by a user (an HTTP query parameter)."""
+    value = float(text) if REAL.fullmatch(text) else None
+    if value is None or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {text[:40]!r}")
+    return value
+
+
+def parse_size(text: str | None, name: str = "--size") -> tuple[int, int] | None:
+    """'WxH' (the CLI's --size, --max-size and --sizes, the HTTP size parameter) -> (W, H)."""
     if text is None:
         return None
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--size must look like 512x256 (width x height), got {text[:40]!r}") from None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(INTEGER.fullmatch(part) for part in parts):
+        raise UserError(f"{name} must look like 512x256 (width x height), got {text[:40]!r}")
+    width, height = (int(part) for part in parts)
     if width < 1 or height < 1:
-        raise UserError(f"--size must be positive, got {text[:40]!r}")
+        raise UserError(f"{name} must be positive, got {text[:40]!r}")
     return width, height
+
+
+def check_stride_mode(window_stride: int | None, mode: str) -> None:
+    """A window stride given (not defaulted) is for fast mode only."""
+    if window_stride is not None and mode != "fast":
+        raise UserError("--window-stride applies to --mode fast only (exact mode places the window for every token)")
 
 
 def check_max_pixels(max_pixels: Any) -> int:
@@ -87,7 +124,7 @@ def check_generation_size(spec: ModelSpec, n: int, latent_hw: tuple[int, int], m
     pixels = n * width * height
     if pixels > max_pixels:
         gib = generation_bytes(spec, n, latent_hw) / 2**30
-        raise UserError(
+        raise RequestTooLarge(
             f"{n} image(s) of {width}x{height} are {pixels:,} pixels, about {gib:,.1f} GiB of memory; the limit is "
             f"{max_pixels:,} pixels (--max-pixels / max_pixels): generate fewer or smaller images, or raise it"
         )
@@ -98,7 +135,7 @@ def check_image_size(width: int, height: int, source: str, max_pixels: int) -> N
     if width < 1 or height < 1:
         raise UserError(f"{source}: the image is empty ({width}x{height})")
     if width * height > max_pixels:
-        raise UserError(
+        raise RequestTooLarge(
             f"{source}: {width}x{height} is {width * height:,} pixels, more than the limit of {max_pixels:,} "
             "(--max-pixels / max_pixels); pass a smaller image or raise the limit"
         )
@@ -124,6 +161,8 @@ def check_condition_array(array: np.ndarray) -> None:
 
 def normalize_condition(cond: Any) -> Any:
     """A class id (Python or numpy integer, never bool), a path, a PIL image, a 2-D array, or None."""
+    if isinstance(cond, str) and not cond.strip():
+        raise UserError("the condition path is empty; name an image file")  # Path('') would be '.', a directory
     if cond is None or isinstance(cond, (str, Path)):
         return cond
     if isinstance(cond, Image.Image):

@@ -96,3 +96,13 @@ def edit_json(relative: str, dotted: str, value: object) -> Setup:
             node[key] = value
         path.write_text(json.dumps(document))
     return setup
+
+
+def edit_text(relative: str, old: str, new: str, count: int = -1) -> Setup:
+    """Replace ``old`` (which must occur) by ``new`` in a text file under tmp: for what JSON cannot say."""
+    def setup(tmp: Path, names: dict[str, Path]) -> None:
+        path = tmp / relative
+        text = path.read_text()
+        assert old in text, (relative, old)
+        path.write_text(text.replace(old, new, count))
+    return setup

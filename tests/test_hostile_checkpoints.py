@@ -43,7 +43,16 @@ CASES = [
     Case("unpicklable-trusted", TRUSTING, ("cannot unpickle", "nosuchmodule"), write("x.ckpt", MISSING_CLASS)),
     Case("zip-crc-mismatch", IMPORT, ("fails its CRC check",), corrupted_tensor),
     Case("zip-truncated", IMPORT, ("damaged",), truncated),
-    Case("checkpoint-is-a-directory", "import-taming {tmp} --config {yaml} --out {tmp}/out", ("does not exist",)),
+    Case("checkpoint-is-a-directory", "import-taming {tmp} --config {yaml} --out {tmp}/out", ("a directory",)),  # said 'does not exist'
+    Case("checkpoint-is-a-device", "import-taming /dev/zero --config {yaml} --out {tmp}/out", ("/dev/zero", "not a regular file")),
+    Case("checkpoint-is-a-fifo", "import-taming {tmp}/x.ckpt --config {yaml} --out {tmp}/out", ("x.ckpt", "not a regular file"),
+         lambda tmp, names: os.mkfifo(tmp / "x.ckpt")),
+    Case("checkpoint-missing", "import-taming {tmp}/x.ckpt --config {yaml} --out {tmp}/out", ("x.ckpt", "no such file")),
+    # an endless or blocking config was read until memory ran out, or forever
+    Case("project-yaml-is-dev-zero", "import-taming {ckpt} --config /dev/zero --out {tmp}/out", ("/dev/zero", "not a regular file")),
+    Case("project-yaml-is-a-fifo", "import-taming {ckpt} --config {tmp}/p.yaml --out {tmp}/out", ("p.yaml", "not a regular file"),
+         lambda tmp, names: os.mkfifo(tmp / "p.yaml")),
+    Case("train-config-is-dev-zero", "train vqgan --config /dev/zero --out {tmp}/run --steps 1", ("/dev/zero", "not a regular file")),
 ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile import Case, copy_of, edit_json, run_case, then, write
+from hostile import Case, copy_of, edit_json, edit_text, run_case, then, write
 
 BUNDLE = then(copy_of("bundle", "b"))
 CHECKPOINT = then(copy_of("checkpoint", "ck"))
@@ -67,6 +67,13 @@ CASES = [
     Case("manifest-graph-unknown", INFO, ("graphs.",), manifest("graphs.vocoder", {})),
     Case("manifest-sha-not-hex", INFO, ("sha256",), manifest("graphs.encoder.fp32.sha256", "z" * 64)),
     Case("manifest-shape-negative", INFO, ("shape[0]",), manifest("graphs.encoder.fp32.inputs.0.shape", [-1, 3, 4, 4])),
+    Case("manifest-duplicate-key", INFO, ("manifest.json", "'format_version' appears more than once"),
+         then(BUNDLE, edit_text("b/manifest.json", '"format_version": 2', '"format_version": 2, "format_version": 2'))),
+    Case("manifest-nested-100000-deep", INFO, ("manifest.json", "not valid JSON"), then(BUNDLE, write("b/manifest.json", "[" * 100_000))),
+    Case("manifest-n-embd-nan", INFO, ("model.n_embd", "nan"), manifest("model.n_embd", float("nan"))),
+    Case("manifest-window-infinity", INFO, ("model.window[0]", "inf"), manifest("model.window.0", float("inf"))),
+    Case("info-json-engines-json-not-json", "info --json {tmp}/b", ("engines.json", "not valid JSON"),
+         then(BUNDLE, write("b/engines/engines.json", "{"))),  # was a JSONDecodeError traceback
     # bundle confinement
     Case("graph-path-dotdot", RUN_BUNDLE, ("../x.onnx", "relative path"), manifest("graphs.decoder.fp32.file", "../x.onnx")),
     Case("graph-path-absolute", RUN_BUNDLE, ("/etc/passwd", "relative path"), manifest("graphs.decoder.fp32.file", "/etc/passwd")),
@@ -81,6 +88,10 @@ CASES = [
     Case("config-ch-mult-strings", RUN_CHECKPOINT, ("first_stage.ch_mult[0]",), config("first_stage.ch_mult", ["1"])),
     Case("config-n-layer-disagrees-with-weights", RUN_CHECKPOINT, ("does not match its config",), config("transformer.n_layer", 3)),
     Case("config-not-json", RUN_CHECKPOINT, ("config.json", "not valid JSON"), then(CHECKPOINT, write("ck/config.json", "nope"))),
+    Case("info-json-config-not-json", "info --json {tmp}/ck", ("config.json", "not valid JSON"),
+         then(CHECKPOINT, write("ck/config.json", "nope"))),
+    Case("config-duplicate-key", RUN_CHECKPOINT, ("config.json", "appears more than once"),
+         then(CHECKPOINT, edit_text("ck/config.json", "{", '{"format": 1, ', count=1))),
     Case("config-pkeep-nan", RUN_CHECKPOINT, ("pkeep",), then(CHECKPOINT, write("ck/config.json", '{"format": "taming-deploy-checkpoint", "pkeep": NaN}'))),
     # safetensors headers
     Case("safetensors-header-2-62", RUN_CHECKPOINT, ("model.safetensors", "header length"), safetensors(b"{}", 1 << 62)),

@@ -28,6 +28,12 @@ def files(*names: str):
     return setup
 
 
+def link(name: str, to: str):
+    def setup(tmp: Path, _names) -> None:
+        os.symlink(to, tmp / name)
+    return setup
+
+
 CASES = [
     Case("import-into-dir-with-user-files", IMPORT + " --out {tmp}/out", ("did not write", "notes.txt"), files("out/notes.txt")),
     Case("import-into-dir-holding-its-input", "import-taming {tmp}/in/last.ckpt --config {yaml} --out {tmp}/in", ("input",),
@@ -71,6 +77,13 @@ CASES = [
     Case("export-force-onto-a-file", "export {checkpoint} --out {tmp}/b --no-fp16 --force", ("not a directory",), files("b")),
     Case("train-force-with-resume", TRAIN + " --out {tmp}/run --resume --force", ("--force", "--resume"), files("run/notes.txt")),
     Case("train-force-onto-a-file", TRAIN + " --out {tmp}/run --force", ("not a directory",), files("run")),
+    Case("generate-onto-a-dangling-symlink", GENERATE + " --out {tmp}/o.png", ("symbolic link", "--force"), link("o.png", "nowhere.png")),
+    Case("generate-onto-a-symlink-to-a-user-file", GENERATE + " --out {tmp}/o.png", ("o.png",),
+         then(files("photo.png"), link("o.png", "photo.png"))),
+    Case("generate-stats-onto-a-symlink", GENERATE + " --out {tmp}/o.png --stats {tmp}/s.json", ("s.json", "symbolic link"),
+         link("s.json", "/dev/null")),
+    Case("generate-name-with-control-character", GENERATE + " --out '{tmp}/a\x1bb.png'", ("control character",)),
+    Case("export-name-with-newline", "export {checkpoint} --out '{tmp}/b\nc' --no-fp16", ("b\\nc", "control character")),
 ]
 
 

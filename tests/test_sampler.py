@@ -73,6 +73,15 @@ def test_sampling_frequencies_follow_temperature_scaled_softmax():
     np.testing.assert_allclose(np.bincount(draws, minlength=3) / len(draws), expected, atol=0.025)
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_a_tiny_temperature_samples_the_most_likely_token_without_nan(top_k):
+    """logits / 1e-320 overflowed to inf, and inf - inf made NaN probabilities (and RuntimeWarnings)."""
+    logits = np.array([[2.0, 5.0, -3.0, 4.0]] * 50, np.float32)
+    with np.errstate(all="raise"):
+        tokens = choose_tokens(logits, SamplingOptions(top_k=top_k, temperature=1e-320), np.random.default_rng(0).random(50))
+    assert (tokens == 1).all()
+
+
 @pytest.fixture(scope="module")
 def torch_backend(imported_checkpoint):
     return TorchBackend.load(imported_checkpoint)

@@ -10,9 +10,11 @@ import base64
 import io
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +23,7 @@ import pytest
 from PIL import Image
 
 from taming_deploy.errors import UserError
-from taming_deploy.http_request import RequestTooLarge, ServiceLimits, generation_request
+from taming_deploy.http_request import RequestTooLarge, ServiceLimits, generation_request, query_parameters
 from taming_deploy.pipeline import GenerationRequest, Pipeline
 from taming_deploy.service_client import ServerProcess, call, generate_url
 
@@ -32,6 +34,26 @@ def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array.astype(np.uint8), mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def gif(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8), mode="L").save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+def animated_png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    frames = [Image.fromarray(a.astype(np.uint8), mode="L") for a in (array, array + 1)]
+    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def bomb_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds no pixels: a decompression bomb before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 def labels(seed: int, shape=(32, 32)) -> np.ndarray:
@@ -65,18 +87,64 @@ def test_query_parameters_become_the_request_the_cli_would_make():
     ({"format": "gif"}, b"", None, UserError, "format must be png or json"),
     ({"colour": "red"}, b"", None, UserError, "unknown query parameter 'colour'"),
     ({"size": "12"}, b"", None, UserError, "--size must look like"),
-    ({}, b"\x89PNG garbage", "image/png", UserError, "not a readable PNG"),
+    ({}, b"\x89PNG garbage", "image/png", UserError, "request body: not a PNG image"),
     ({}, png(labels(0)), "text/plain", UserError, "Content-Type: image/png"),
     ({"class_id": "1"}, png(labels(0)), "image/png", UserError, "not both"),
     ({"n": "5"}, b"", None, RequestTooLarge, "n must be between 1 and 4"),
     ({"size": "256x256"}, b"", None, RequestTooLarge, "at most 16384"),
     ({"size": "96x64", "n": "3"}, b"", None, RequestTooLarge, "asks for 18432"),
-    ({}, png(np.zeros((200, 200))), "image/png", RequestTooLarge, "200x200 pixels"),
+    ({}, png(np.zeros((200, 200))), "image/png", RequestTooLarge, "200x200 is 40,000 pixels"),
+    ({}, bomb_header(30000, 30000), "image/png", RequestTooLarge, "900000000 pixels"),
+    ({}, gif(labels(0)), "image/png", UserError, "not a PNG image"),
+    ({}, animated_png(labels(0)), "image/png", UserError, "animated image \\(2 frames\\)"),
+    ({"n": "0"}, b"", None, UserError, "n must be an integer >= 1, got 0"),  # was taken as n=1
+    ({"window_stride": "0", "mode": "fast"}, b"", None, UserError, "window stride must be an integer >= 1"),  # was 8
+    ({"window_stride": "4"}, b"", None, UserError, "applies to --mode fast only"),  # was ignored
+    ({"seed": "\u0661\u0662"}, b"", None, UserError, "seed must be an integer"),  # int() reads Arabic-Indic digits
+    ({"seed": "1_000"}, b"", None, UserError, "seed must be an integer"),
+    ({"seed": "9" * 5000}, b"", None, UserError, "at most 40 digits"),
+    ({"size": "\uff13\uff12x32"}, b"", None, UserError, "--size must look like"),  # full-width digits
+    ({"temperature": "1e999"}, b"", None, UserError, "temperature must be a finite number"),
+    ({"top_p": "infinity"}, b"", None, UserError, "top_p must be a finite number"),
+    ({"mode": ""}, b"", None, UserError, "mode must be exact or fast, got ''"),
 ])
 def test_bad_requests_are_refused_in_one_line(params, body, content_type, error, message):
     with pytest.raises(error, match=message) as caught:
         generation_request(params, body, content_type, LIMITS)
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_a_repeated_query_parameter_is_refused_not_resolved():
+    """Starlette's dict(query_params) kept the last of ?seed=1&seed=2 silently."""
+    assert query_parameters([("seed", "1"), ("n", "2")]) == {"seed": "1", "n": "2"}
+    with pytest.raises(UserError, match="query parameter 'seed' is given more than once"):
+        query_parameters([("seed", "1"), ("seed", "2")])
+
+
+def test_the_content_type_is_matched_case_insensitively():
+    request, _ = generation_request({}, png(labels(0)), "Image/PNG; charset=binary", LIMITS)
+    assert np.asarray(request.cond).shape == (32, 32)
+
+
+def test_a_replica_reads_no_more_of_a_body_than_its_limit():
+    """A body of any size was read whole into the replica's memory before its size was checked."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from taming_deploy.serving import body_prefix
+
+    sent = []
+
+    async def receive():  # an endless body, 1 MiB a message
+        sent.append(1)
+        return {"type": "http.request", "body": b"x" * (1 << 20), "more_body": True}
+
+    http = Request({"type": "http", "method": "POST", "path": "/generate", "headers": [], "query_string": b""}, receive)
+    prefix = asyncio.run(body_prefix(http, 3 * (1 << 20) + 1))
+    assert len(prefix) == 3 * (1 << 20) + 1 and len(sent) == 4
+    with pytest.raises(RequestTooLarge, match="over this service's limit"):
+        generation_request({}, prefix, "image/png", ServiceLimits(max_body_bytes=3 << 20))
 
 
 # --- a real server on 127.0.0.1 -----------------------------------------------------------------------
@@ -128,6 +196,9 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_serving(server):
         (generate_url(server, size="4096x4096"), png(labels(0)), 413),
         (generate_url(server), b"not a png at all", 400),
         (generate_url(server, class_id=3), b"", 400),  # a segmentation model takes no class id
+        (generate_url(server, seed=0) + "&seed=1", png(labels(0)), 400),  # a repeated parameter
+        (generate_url(server), b"\x89PNG" + bytes(17 << 20), 413),  # over the 16 MiB body limit
+        (generate_url(server, n=0), png(labels(0)), 400),  # was served as n=1
         (server + "/nowhere", None, 404),
     ]:
         reply = call(url, body)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from taming_deploy.documents import Doc, first_line, read_yaml
+from taming_deploy.documents import Doc, check_regular_file, first_line, read_yaml
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import check_replaceable
 from taming_deploy.spec import ConditionSpec
@@ -209,8 +209,7 @@ PICKLE_PROTOCOL = 0x80  # the first byte of a legacy torch.save pickle (protocol
 def check_checkpoint_file(ckpt: Path) -> None:
     """Refuse what is not a PyTorch checkpoint, and a zip checkpoint whose contents fail their CRC
     (torch.load reads a damaged tensor without noticing)."""
-    if not Path(ckpt).is_file():
-        raise UserError(f"checkpoint {ckpt} does not exist")
+    check_regular_file(Path(ckpt), "checkpoint (.ckpt)")
     with open(ckpt, "rb") as f:
         head = f.read(4)
     if head == ZIP_MAGIC:

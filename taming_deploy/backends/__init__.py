@@ -9,6 +9,7 @@ from typing import Literal
 from taming_deploy.backends.base import Backend
 from taming_deploy.errors import UserError
 from taming_deploy.model_paths import DEFAULT_MODEL, is_bundle, is_checkpoint
+from taming_deploy.validation import check_backend, check_model_path
 
 BackendName = Literal["auto", "torch", "ort", "trt"]
 log = logging.getLogger("taming_deploy")
@@ -39,6 +40,8 @@ def load_backend(path: Path | str | None, backend: BackendName = "auto", note: C
     from taming_deploy.engines import choose_backend, probe_trt_backend
     from taming_deploy.engines.engine_manifest import engines_dir
 
+    check_backend(backend)
+    check_model_path(path)
     path = DEFAULT_MODEL if path is None else Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such model (expected an exported bundle or a taming-deploy checkpoint)")

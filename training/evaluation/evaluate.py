@@ -41,6 +41,7 @@ from taming_deploy.output_marks import marked_document
 from taming_deploy.spec import ConditionSpec
 from taming_deploy.model_paths import DEFAULT_MODEL, is_bundle, is_checkpoint
 from taming_deploy.progress import ProgressCallback
+from taming_deploy.validation import parse_size
 from taming_deploy.training.data.sources import VALIDATION_SEED_BASE, to_model_range
 from taming_deploy.training.data.synthetic_landscapes import LABELS, colorize, render_scene
 from taming_deploy.training.evaluation.metrics import confusion_matrix, lpips_per_image, psnr_per_image, segmentation_scores
@@ -478,16 +479,7 @@ def format_table(results: dict) -> list[str]:
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     """'256x256,512x256' -> ((256, 256), (512, 256)) as (width, height)."""
-    sizes = []
-    for part in text.split(","):
-        try:
-            width, height = (int(v) for v in part.strip().lower().split("x"))
-        except ValueError:
-            raise UserError(f"sizes: expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}") from None
-        if width < 1 or height < 1:
-            raise UserError(f"sizes must be positive, got {part.strip()}")
-        sizes.append((width, height))
-    return tuple(sizes)
+    return tuple(parse_size(part.strip(), "--sizes") for part in text.split(","))  # type: ignore[misc]
 
 
 def run_eval(path: Path | str | None = None, what: str = "all", recon_count: int = 64, recon_size: int = 256,
