@@ -81,7 +81,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from taming_deploy.export.graph_files import is_external, model_tensors
+from taming_deploy.export.graph_files import is_external, model_tensors, tensor_bytes
+
+PROTOBUF_LIMIT = 2**31 - 1  # bytes of one serialized message: larger graphs are checked from their files
 
 FP16_MAX = 65504.0
 DEFAULT_THRESHOLD = 4096.0
@@ -188,7 +190,7 @@ def to_mixed_precision(
             fp32_rows.append({"node": node.name or f"{node.op_type}#{index}", "op": node.op_type, "reason": reason, "max_abs": float(seen)})
 
     out, casts = _rewrite(model, plans, types, set(fp16_io), base_dir)
-    if out.ByteSize() < 2**31 - 1 and not any(is_external(t) for t in model_tensors(out)):  # else: checked once written
+    if not any(is_external(t) for t in model_tensors(out)) and tensor_bytes(out) < PROTOBUF_LIMIT:  # else: checked once written
         onnx.checker.check_model(out, full_check=True)
     reasons: dict[str, int] = defaultdict(int)
     for row in fp32_rows:
