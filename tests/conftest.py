@@ -9,6 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# One torch/OpenMP thread per test process (and the CLI subprocesses it starts), unless the caller set
+# one: the suite runs one xdist worker per core, and on a 2-core machine two workers with a thread pool
+# each oversubscribe the cores; the small models here then spend most of their time waiting for pool
+# threads (measured: test_sampler's original-loop test 4x the wall and CPU time with the default).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REFERENCE_DIR = Path(os.environ.get("TAMING_DEPLOY_REFERENCE", Path(__file__).parent / "data" / "segcond_small"))
 
 
