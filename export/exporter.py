@@ -8,6 +8,7 @@ so an interrupted or failed export never leaves half a bundle and never damages 
 """
 from __future__ import annotations
 
+import gc
 import platform
 import tempfile
 import time
@@ -29,14 +30,15 @@ from taming_deploy.export.validate import (
     FP16_LIMITS,
     INT8_WEIGHT_LIMITS,
     Check,
-    Float64Runs,
+    TorchReference,
     check_fp32,
     check_variant,
     emulated_fp16_backend,
-    float64_runs,
     torch_condition_tokens,
     torch_image_tokens,
+    torch_reference,
     transformed_bundle,
+    validation_backend,
 )
 from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.export.graph_files import graph_entry, save_graph, write_manifest
@@ -123,8 +125,7 @@ def print_table(checks: list[Check], echo: Callable[[str], None]) -> None:
             echo("  ".join("-" * width for width in widths))
 
 
-def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]], model: TamingModel, calib: CalibrationSet,
-                       runs: Float64Runs) -> list[Check]:
+def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]], reference: TorchReference) -> list[Check]:
     """Replace the fp32 graphs of ``ort32``'s bundle (and their ``graphs`` entries) by int8-weight
     copies; the checks compare the copies with the fp32 graphs they replace."""
     bundle_dir = ort32.bundle.path
@@ -133,7 +134,7 @@ def store_int8_weights(ort32: OrtBackend, graphs: dict[str, dict[str, GraphFile]
     stored = transformed_bundle(bundle_dir, "fp32", int8_weight_storage, staging, weight_storage="int8")
     entries = {name: by_precision["fp32"] for name, by_precision in stored.bundle.manifest.graphs.items()}
     checks = [row for name, entry in entries.items() for row in structural_checks(staging / entry.file, name, "int8 weights")]
-    checks += list(check_variant(model, ort32, stored, "int8 weights", INT8_WEIGHT_LIMITS, calib, runs, VALIDATION_STEPS))
+    checks += list(check_variant(reference, ort32, stored, "int8 weights", INT8_WEIGHT_LIMITS))
     for name, entry in entries.items():
         for stale in {d.file for d in graphs[name]["fp32"].data} - {d.file for d in entry.data}:
             (bundle_dir / stale).unlink()  # the fp32 weights' data file, which the int8 copy no longer needs
@@ -164,6 +165,22 @@ def export_graph_files(g: GraphDef, directory: Path, fp16_feeds: list[dict[str, 
     return files, structural_checks(path, g.name, "fp32") + checks, None if report is None else report.to_dict()
 
 
+def export_graphs(model: TamingModel, directory: Path, calib: CalibrationSet, fp16: bool,
+                  echo: Callable[[str], None]) -> tuple[dict[str, dict[str, GraphFile]], list[Check], dict[str, dict]]:
+    """Every graph's files in ``directory``: their manifest entries, structural checks and fp16 reports."""
+    graphs: dict[str, dict[str, GraphFile]] = {}
+    checks: list[Check] = []
+    feeds = fp16_calibration_feeds(model, model.config.spec(), calib) if fp16 else {}
+    fp16_report: dict[str, dict] = {}
+    for g in graph_defs(model):
+        echo(f"exporting {g.name} ...")
+        graphs[g.name], graph_checks, report = export_graph_files(g, directory, feeds.get(g.name) if fp16 else None, echo)
+        checks += graph_checks
+        if report is not None:
+            fp16_report[g.name] = report
+    return graphs, checks, fp16_report
+
+
 def export_bundle(
     checkpoint_dir: Path,
     out_dir: Path,
@@ -188,17 +205,7 @@ def export_bundle(
     spec = model.config.spec()
     calib = calibration_set(calibration, spec, count=calibration_count)
     with atomic_directory(Path(out_dir), inputs, force) as tmp:
-        graphs: dict[str, dict[str, GraphFile]] = {}
-        checks: list[Check] = []
-        defs = graph_defs(model)
-        feeds = fp16_calibration_feeds(model, spec, calib) if fp16 else {}
-        fp16_report: dict[str, dict] = {}
-        for g in defs:
-            echo(f"exporting {g.name} ...")
-            graphs[g.name], graph_checks, report = export_graph_files(g, tmp, feeds.get(g.name) if fp16 else None, echo)
-            checks += graph_checks
-            if report is not None:
-                fp16_report[g.name] = report
+        graphs, checks, fp16_report = export_graphs(model, tmp, calib, fp16, echo)
         producer = {
             "name": "taming-deploy",
             "version": taming_deploy.__version__,
@@ -209,19 +216,19 @@ def export_bundle(
         }
         write_manifest(tmp, Manifest(model=spec, graphs=graphs, producer=producer, format_version=BUNDLE_VERSION))
         echo("validating ...")
-        ort32 = OrtBackend(tmp, "fp32")
-        rng = np.random.default_rng(1)
-        random_sequences = rng.integers(0, spec.vocab_size, size=(2, min(spec.block_size, 2 * VALIDATION_STEPS)))
-        runs = float64_runs(model, calib)
-        checks += list(check_fp32(model, ort32, calib, runs, random_sequences, VALIDATION_STEPS))
+        random_sequences = np.random.default_rng(1).integers(0, spec.vocab_size, size=(2, min(spec.block_size, 2 * VALIDATION_STEPS)))
+        reference = torch_reference(model, calib, random_sequences, VALIDATION_STEPS)
+        del model  # the checks below need only ``reference``; the ONNX Runtime sessions get the model's memory
+        gc.collect()
+        ort32 = validation_backend(tmp, "fp32")
+        checks += list(check_fp32(reference, ort32))
         if fp16:
             with tempfile.TemporaryDirectory() as workdir:
                 # a temporary: its sessions are freed before the int8 copies are loaded
-                checks += list(check_variant(model, ort32, emulated_fp16_backend(tmp, Path(workdir)), "fp16", FP16_LIMITS,
-                                             calib, runs, VALIDATION_STEPS))
+                checks += list(check_variant(reference, ort32, emulated_fp16_backend(tmp, Path(workdir)), "fp16", FP16_LIMITS))
         if int8_weights:
             echo("storing weights as int8 ...")
-            checks += store_int8_weights(ort32, graphs, model, calib, runs)
+            checks += store_int8_weights(ort32, graphs, reference)
         print_table(checks, echo)
         validation = {
             "calibration": {"source": calibration, "images": len(calib), "size": list(calib.images.shape[2:])},

@@ -93,20 +93,38 @@ class Check:
 
 
 @dataclass
-class Float64Runs:
-    """The quantizing stages run in float64 on the inputs the index checks use."""
+class TorchReference:
+    """What the checks compare the graphs with, computed from the PyTorch model before any ONNX Runtime
+    session opens, so that the model can be freed first: at the 1.4 B size its transformer alone is
+    5.6 GB, which the sessions would otherwise sit beside. The quantizing stages are also run in
+    float64 on the inputs the index checks use."""
 
+    calib: CalibrationSet
     random_images: np.ndarray
-    encoder: Float64Reference  # on the calibration images
-    encoder_random: Float64Reference
-    cond_encoder: Float64Reference | None
+    encoder64: Float64Reference  # on the calibration images
+    encoder_random64: Float64Reference
+    cond_encoder64: Float64Reference | None
+    decoded: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (image tokens, torch's decoded images)
+    sequences: dict[str, np.ndarray]  # name -> token sequences, condition tokens first
+    logits: dict[str, np.ndarray]  # name -> torch's logits at positions prefill-1 .. L-1 of those sequences
+    steps: int  # single cached steps checked after each prefill
+
+    def prefill(self, name: str) -> int:
+        return max(1, self.sequences[name].shape[1] - self.steps)
 
 
-def float64_runs(model: TamingModel, calib: CalibrationSet) -> Float64Runs:
+def torch_reference(model: TamingModel, calib: CalibrationSet, random_sequences: np.ndarray, steps: int) -> TorchReference:
+    rng = np.random.default_rng(1)
+    spec = model.config.spec()
     random_images = np.random.default_rng(0).uniform(-1, 1, size=(2, 3, *calib.images.shape[2:])).astype(np.float32)
-    cond = None if calib.conditions is None else Float64Reference(model.cond_stage_model, calib.conditions)
-    return Float64Runs(random_images, Float64Reference(model.first_stage_model, calib.images),
-                       Float64Reference(model.first_stage_model, random_images), cond)
+    cond64 = None if calib.conditions is None else Float64Reference(model.cond_stage_model, calib.conditions)
+    calib_tokens = torch_image_tokens(model, calib.images)
+    random_tokens = rng.integers(0, spec.image_codebook_size, size=calib_tokens.shape)
+    decoded = {name: (tokens, torch_decode(model, tokens)) for name, tokens in (("calibration", calib_tokens), ("random", random_tokens))}
+    sequences = {"calibration": calibration_sequences(model, calib), "random": random_sequences}
+    logits = {name: torch_logits(model, seq, max(1, seq.shape[1] - steps)) for name, seq in sequences.items()}
+    return TorchReference(calib, random_images, Float64Reference(model.first_stage_model, calib.images),
+                          Float64Reference(model.first_stage_model, random_images), cond64, decoded, sequences, logits, steps)
 
 
 def index_check(graph: str, precision: str, against: str, reference: Float64Reference, got: np.ndarray, expected: np.ndarray,
@@ -156,41 +174,35 @@ def torch_logits(model: TamingModel, sequences: np.ndarray, prefill: int) -> np.
     return logits[:, prefill - 1 :].numpy()
 
 
-@torch.no_grad()
-def check_fp32(model: TamingModel, ort32: OrtBackend, calib: CalibrationSet, runs: Float64Runs, random_sequences: np.ndarray,
-               steps: int) -> Iterator[Check]:
+def check_fp32(ref: TorchReference, ort32: OrtBackend) -> Iterator[Check]:
     """ORT fp32 against PyTorch on calibration and random inputs (the quantizing graphs against float64)."""
-    rng = np.random.default_rng(1)
-    spec = ort32.spec
-    for name, images, reference in (("calibration", calib.images, runs.encoder), ("random", runs.random_images, runs.encoder_random)):
+    for name, images, reference in (("calibration", ref.calib.images, ref.encoder64), ("random", ref.random_images, ref.encoder_random64)):
         yield index_check("encoder", "fp32", f"torch float64 ({name})", reference, one_at_a_time(ort32.encode, images),
                           reference.tokens, FP32_INDEX_LIMITS)
-    calib_tokens = torch_image_tokens(model, calib.images)
-    random_tokens = rng.integers(0, spec.image_codebook_size, size=calib_tokens.shape)
-    for name, tokens in (("calibration", calib_tokens), ("random", random_tokens)):
-        expected = torch_decode(model, tokens)
+    for name, (tokens, expected) in ref.decoded.items():
         yield Check("decoder", "fp32", f"max relative error vs torch ({name})", relative_error(one_at_a_time(ort32.decode, tokens), expected),
                     FP32_MAX_RELATIVE_ERROR, False)
-    if runs.cond_encoder is not None:
-        reference = runs.cond_encoder
-        yield index_check("cond_encoder", "fp32", "torch float64 (calibration)", reference, one_at_a_time(ort32.condition_tokens, calib.conditions),
+    if ref.cond_encoder64 is not None:
+        reference = ref.cond_encoder64
+        yield index_check("cond_encoder", "fp32", "torch float64 (calibration)", reference, one_at_a_time(ort32.condition_tokens, ref.calib.conditions),
                           reference.tokens, FP32_INDEX_LIMITS)
-    for name, sequences in (("calibration", calibration_sequences(model, ort32, calib)), ("random", random_sequences)):
-        prefill = max(1, sequences.shape[1] - steps)
-        error = relative_error(stepped_logits(ort32, sequences, prefill), torch_logits(model, sequences, prefill))
+    for name, sequences in ref.sequences.items():
+        prefill = ref.prefill(name)
+        error = relative_error(stepped_logits(ort32, sequences, prefill), ref.logits[name])
         yield Check("transformer", "fp32", f"max relative error vs torch, prefill + {sequences.shape[1] - prefill} steps ({name})", error, FP32_MAX_RELATIVE_ERROR, False)
 
 
 @torch.no_grad()
-def calibration_sequences(model: TamingModel, backend: OrtBackend, calib: CalibrationSet) -> np.ndarray:
+def calibration_sequences(model: TamingModel, calib: CalibrationSet) -> np.ndarray:
+    spec = model.config.spec()
     image_tokens = torch_image_tokens(model, calib.images)
     if calib.conditions is not None:
         cond_tokens = torch_condition_tokens(model, calib.conditions)
-    elif backend.spec.condition.kind == "class":
-        cond_tokens = np.arange(len(calib), dtype=np.int64)[:, None] % (backend.spec.condition.n_classes or 1)
+    elif spec.condition.kind == "class":
+        cond_tokens = np.arange(len(calib), dtype=np.int64)[:, None] % (spec.condition.n_classes or 1)
     else:
-        cond_tokens = np.full((len(calib), 1), backend.spec.condition.sos_token, dtype=np.int64)
-    return token_sequences(backend.spec, image_tokens, cond_tokens)
+        cond_tokens = np.full((len(calib), 1), spec.condition.sos_token, dtype=np.int64)
+    return token_sequences(spec, image_tokens, cond_tokens)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -204,24 +216,32 @@ def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
 
 
-def check_variant(model: TamingModel, ort32: OrtBackend, variant: OrtBackend, label: str, limits: VariantLimits, calib: CalibrationSet,
-                  runs: Float64Runs, steps: int) -> Iterator[Check]:
+def check_variant(ref: TorchReference, ort32: OrtBackend, variant: OrtBackend, label: str, limits: VariantLimits) -> Iterator[Check]:
     """A variant of the fp32 graphs (fp16: their emulation; int8 weights) against them on calibration inputs."""
-    tokens = one_at_a_time(ort32.encode, calib.images)
-    yield index_check("encoder", label, "fp32", runs.encoder, one_at_a_time(variant.encode, calib.images), tokens, limits.index)
+    images, conditions = ref.calib.images, ref.calib.conditions
+    tokens = one_at_a_time(ort32.encode, images)
+    yield index_check("encoder", label, "fp32", ref.encoder64, one_at_a_time(variant.encode, images), tokens, limits.index)
     yield Check("decoder", label, "PSNR vs fp32 (dB)", psnr(one_at_a_time(variant.decode, tokens), one_at_a_time(ort32.decode, tokens)),
                 limits.decoder_psnr, True)
-    if runs.cond_encoder is not None:
-        got, expected = one_at_a_time(variant.condition_tokens, calib.conditions), one_at_a_time(ort32.condition_tokens, calib.conditions)
-        yield index_check("cond_encoder", label, "fp32", runs.cond_encoder, got, expected, limits.index)
-    sequences = calibration_sequences(model, ort32, calib)
-    prefill = max(1, sequences.shape[1] - steps)
+    if ref.cond_encoder64 is not None:
+        got, expected = one_at_a_time(variant.condition_tokens, conditions), one_at_a_time(ort32.condition_tokens, conditions)
+        yield index_check("cond_encoder", label, "fp32", ref.cond_encoder64, got, expected, limits.index)
+    sequences, prefill = ref.sequences["calibration"], ref.prefill("calibration")
     logits, logits32 = stepped_logits(variant, sequences, prefill), stepped_logits(ort32, sequences, prefill)
     positions = logits32.shape[0] * logits32.shape[1]
     adjusted, raw = top1_agreement(logits, logits32, limits.top1_tie_tolerance)
     yield Check("transformer", label, f"greedy top-1 agreement vs fp32 ({positions} positions, logit gaps within "
                 f"{limits.top1_tie_tolerance:g} forgiven)", adjusted, limits.top1_agreement, True, raw=raw)
     yield Check("transformer", label, f"mean KL of next-token distribution vs fp32 ({positions} positions, nats)", mean_kl(logits32, logits), limits.mean_kl, False)
+
+
+def validation_backend(bundle_dir: Path, precision: str, weight_storage: str = "float") -> OrtBackend:
+    """The ONNX Runtime backend the checks run. Graphs with float weights run without MatMul weight
+    prepacking, which would add a packed copy of every weight (5.6 GB at the 1.4 B size) beside the
+    file-backed pages of the graph's data file: for them packing only reorders the weights for the same
+    kernels (the results are bitwise equal; tests/test_validation_memory.py). int8-stored weights run
+    packed, as the runtime runs them: their fused kernel (MatMulNBits) computes differently once packed."""
+    return OrtBackend(bundle_dir, precision, prepack_weights=weight_storage != "float")
 
 
 Transform = Callable[[onnx.ModelProto, Path], onnx.ModelProto]  # (graph, the directory of its external data) -> graph
@@ -239,7 +259,7 @@ def transformed_bundle(bundle_dir: Path, precision: str, transform: Transform, w
         save_graph(transform(onnx.load(str(source), load_external_data=False), source.parent), target, base_dir=source.parent)
         graphs[name] = {precision: graph_entry(target, precision, weight_storage)}
     write_manifest(workdir, Manifest(model=manifest.model, graphs=graphs, producer=manifest.producer))
-    return OrtBackend(workdir, precision)
+    return validation_backend(workdir, precision, weight_storage)
 
 
 def emulated_fp16_backend(bundle_dir: Path, workdir: Path) -> OrtBackend:
