@@ -110,7 +110,12 @@ class TorchReference:
     steps: int  # single cached steps checked after each prefill
 
     def prefill(self, name: str) -> int:
-        return max(1, self.sequences[name].shape[1] - self.steps)
+        return prefill_length(self.sequences[name], self.steps)
+
+
+def prefill_length(sequences: np.ndarray, steps: int) -> int:
+    """Tokens fed by the prefill that ``steps`` single steps follow to the end of ``sequences``."""
+    return max(1, sequences.shape[1] - steps)
 
 
 def torch_reference(model: TamingModel, calib: CalibrationSet, random_sequences: np.ndarray, steps: int) -> TorchReference:
@@ -122,7 +127,7 @@ def torch_reference(model: TamingModel, calib: CalibrationSet, random_sequences:
     random_tokens = rng.integers(0, spec.image_codebook_size, size=calib_tokens.shape)
     decoded = {name: (tokens, torch_decode(model, tokens)) for name, tokens in (("calibration", calib_tokens), ("random", random_tokens))}
     sequences = {"calibration": calibration_sequences(model, calib), "random": random_sequences}
-    logits = {name: torch_logits(model, seq, max(1, seq.shape[1] - steps)) for name, seq in sequences.items()}
+    logits = {name: torch_logits(model, seq, prefill_length(seq, steps)) for name, seq in sequences.items()}
     return TorchReference(calib, random_images, Float64Reference(model.first_stage_model, calib.images),
                           Float64Reference(model.first_stage_model, random_images), cond64, decoded, sequences, logits, steps)
 

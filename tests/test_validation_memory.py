@@ -48,14 +48,14 @@ def test_int8_weight_sessions_are_validated_as_the_runtime_runs_them(fixture_bun
         "packing no longer changes int8-weight results: these sessions could skip it too"
 
 
-def test_torch_model_is_freed_before_the_sessions_open(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+def test_torch_model_and_its_weights_are_freed_before_the_sessions_open(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     loaded: list[weakref.ref] = []
     opened: list[bool] = []
     load_model, open_backend = exporter.load_model, exporter.validation_backend
 
     def recording_load(path: Path):
         model = load_model(path)
-        loaded.append(weakref.ref(model))
+        loaded.extend(weakref.ref(tensor) for tensor in [model, *model.parameters()])
         return model
 
     def checking_backend(*args, **kwargs):
