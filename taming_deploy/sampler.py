@@ -31,6 +31,7 @@ from taming_deploy.wavefront import Call, Order, plan
 from taming_deploy.windows import Mode, window_shape
 
 CACHE_MEMORY_BUDGET = 1 << 30  # bytes of transformer caches kept for reuse across rows
+CALL_TOKEN_BUDGET = 512  # tokens one batched call may feed (entries x tokens); a single call may feed more
 
 
 @dataclass
@@ -50,12 +51,20 @@ def cache_capacity(backend: Backend, batch: int) -> int:
     return CACHE_MEMORY_BUDGET // cache_bytes
 
 
-def runs(calls: tuple[Call, ...], key: Callable[[Call], tuple[int, ...]], max_slots: int) -> list[list[Call]]:
-    """The step's calls as batches: the same key, consecutive slots, at most ``max_slots``."""
+def runs(
+    calls: tuple[Call, ...], key: Callable[[Call], tuple[int, ...]], max_slots: int, fed: Callable[[Call], int], max_tokens: int
+) -> list[list[Call]]:
+    """The step's calls as batches: the same key, consecutive slots, at most ``max_slots`` calls and
+    ``max_tokens`` fed tokens (``fed(call)`` each; a call alone may feed more).
+
+    The token bound keeps a batched prefill's activations small: ONNX Runtime's arena keeps the
+    largest call's memory for the life of the session (nine 388-token prefills of a 1280x832 image
+    left 0.9 GB held), while a GEMM of a thousand rows is already as fast per row as a larger one."""
     batches: list[list[Call]] = []
     for call in sorted(calls, key=lambda c: (key(c), c.slot)):
         last = batches[-1] if batches else None
-        if last and len(last) < max_slots and key(last[-1]) == key(call) and last[-1].slot + 1 == call.slot:
+        if (last and len(last) < max_slots and (len(last) + 1) * fed(call) <= max_tokens and key(last[-1]) == key(call)
+                and last[-1].slot + 1 == call.slot):
             batches[-1].append(call)
         else:
             batches.append([call])
@@ -127,7 +136,7 @@ def sample_tokens(
     done = 0
     started = time.perf_counter()
     for step in schedule.steps:
-        for batch in runs(step, key, max_slots):
+        for batch in runs(step, key, max_slots, lambda c: length(c) * n, CALL_TOKEN_BUDGET):
             first, count = batch[0].slot, len(batch)
             positions = np.repeat([position(c) for c in batch], n) if per_entry else position(batch[0])
             logits = backend.transformer_step(np.concatenate([feed(c) for c in batch], axis=0), positions, cache(first, count))

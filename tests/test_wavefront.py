@@ -8,6 +8,7 @@ import pytest
 from taming_deploy.backends.ort_backend import OrtBackend
 from taming_deploy.backends.torch_backend import TorchBackend
 from taming_deploy.errors import UserError
+from taming_deploy import sampler
 from taming_deploy.sampler import sample_tokens
 from taming_deploy.sampling import SamplingOptions, TokenStream
 from taming_deploy.training.reference_sampler import reference_greedy
@@ -185,3 +186,33 @@ def test_per_entry_positions_batch_rows_in_flight_and_give_the_same_tokens(ort_b
     assert any(len(set(p.tolist())) > 1 for p in per_entry.positions)
     assert all(len(set(p.tolist())) == 1 for p in shared.positions)
     assert stats.transformer_calls < shared_stats.transformer_calls
+
+
+class CallSizes(PositionForm):
+    """Records (entries, tokens) of every call."""
+
+    def __init__(self, backend):
+        super().__init__(backend, per_entry=True)
+        self.sizes: list[tuple[int, int]] = []
+
+    def transformer_step(self, tokens, position, cache):
+        self.sizes.append(tokens.shape)
+        return super().transformer_step(tokens, position, cache)
+
+
+def test_batched_calls_feed_at_most_the_token_budget_and_give_the_same_tokens(ort_backend, monkeypatch):
+    """Fast mode at 20x48 starts two placements in some steps; with a budget below two prefills
+    they run apart (a single call may feed more than the budget), the tokens unchanged."""
+    latent = (20, 48)
+    cond = conditions(ort_backend, latent, 1, 6)
+    monkeypatch.setattr(sampler, "CALL_TOKEN_BUDGET", 1 << 20)
+    unbounded = CallSizes(ort_backend)
+    expected, _ = sample_tokens(unbounded, cond, latent, GREEDY, TokenStream.for_batch(0, 1), "fast", 8)
+    budget = max(t for _, t in unbounded.sizes) + 1  # one prefill fits, two do not
+    assert any(n * t > budget for n, t in unbounded.sizes)  # unbounded, some prefills were batched past it
+    monkeypatch.setattr(sampler, "CALL_TOKEN_BUDGET", budget)
+    bounded = CallSizes(ort_backend)
+    tokens, _ = sample_tokens(bounded, cond, latent, GREEDY, TokenStream.for_batch(0, 1), "fast", 8)
+    np.testing.assert_array_equal(tokens, expected)
+    assert all(n * t <= budget for n, t in bounded.sizes)
+    assert any(n > 1 for n, _ in bounded.sizes)  # single-token steps of different rows still batch
