@@ -14,7 +14,9 @@ one transformer call over a contiguous range of the cache pool, each entry at it
 the same position). Prefills run apart from continuing calls, so that the backend can feed them a
 short past instead of the empty cache. (The graph returns the last fed position's logits, so calls of
 different lengths cannot be padded into one batch; they are grouped instead. In the middle of an
-image every row's call feeds one token, so the groups are large.)
+image every row's call feeds one token, so the groups are large.) A batch feeds at most
+CALL_TOKEN_BUDGET tokens, so that prefills of many placements starting together run as a few calls
+rather than one whose activations the backend's memory pool would then keep.
 """
 from __future__ import annotations
 
