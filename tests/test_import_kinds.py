@@ -85,3 +85,32 @@ def test_unsupported_condition_stage_is_named(tmp_path):
     project.write_text(yaml.safe_dump(doc))
     proc = run_cli("import-taming", str(ckpt), "--config", str(project), "--out", str(tmp_path / "o"))
     assert_one_line_error(proc, "CoordStage", "not supported")
+
+
+def test_an_imported_model_holds_the_checkpoint_tensors_once(tmp_path):
+    """model_holding assigns the state's own tensors (no second copy of the weights), converts those
+    of another dtype to the model's, and copies a tensor whose storage another one already uses (the
+    checkpoint format refuses shared tensors)."""
+    from taming_deploy.training.checkpoint import model_holding, save_checkpoint
+    from taming_deploy.training.models.net2net import TamingModel
+
+    project = {"cond_stage_key": "image", "transformer_config": GPT, "first_stage_config": FIRST,
+               "cond_stage_config": "__is_unconditional__"}
+    config, _ = model_config({"target": "taming.models.cond_transformer.Net2NetTransformer", "params": project})
+    torch.manual_seed(1)
+    state = TamingModel(config).state_dict()
+    emb = "transformer.tok_emb.weight"
+    state[emb] = state[emb].half()  # a checkpoint saved in half precision
+    tied = "transformer.blocks.0.attn.key.weight"
+    state["transformer.blocks.0.attn.query.weight"] = state[tied]  # two keys, one tensor
+    model = model_holding(config, state, "test")
+    params = dict(model.named_parameters())
+    for name in ("transformer.blocks.0.mlp.0.weight", tied, "first_stage_model.encoder.conv_in.weight"):
+        assert params[name].data_ptr() == state[name].data_ptr(), name  # the tensor itself, not a copy
+    assert params[emb].dtype == torch.float32
+    torch.testing.assert_close(params[emb], state[emb].float(), rtol=0, atol=0)
+    query = params["transformer.blocks.0.attn.query.weight"]
+    assert query.data_ptr() != params[tied].data_ptr()
+    torch.testing.assert_close(query, params[tied], rtol=0, atol=0)
+    assert all(not p.is_meta for p in model.parameters()) and all(not b.is_meta for b in model.buffers())
+    save_checkpoint(tmp_path / "saved", config, model.state_dict())  # safetensors refuses tensors that share memory

@@ -18,10 +18,9 @@ from taming_deploy.documents import Doc, check_regular_file, first_line, read_ya
 from taming_deploy.errors import UserError
 from taming_deploy.fileutil import check_replaceable
 from taming_deploy.spec import ConditionSpec
-from taming_deploy.training.checkpoint import check_state_dict, save_checkpoint
+from taming_deploy.training.checkpoint import model_holding, save_checkpoint
 from taming_deploy.training.config import ModelConfig
 from taming_deploy.training.models.gpt import GPTConfig
-from taming_deploy.training.models.net2net import TamingModel
 from taming_deploy.training.models.vqgan import AutoencoderConfig
 
 NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
@@ -268,8 +267,6 @@ def import_taming(ckpt: Path, project_yaml: Path, out: Path, trust_pickle: bool 
     if raw.get("params", {}).get("cond_stage_config") == "__is_first_stage__" and not any(k.startswith("cond_stage_model.") for k in state):
         # the original registers its first stage again as the condition stage; a stripped checkpoint may lack the copy
         state.update({"cond_stage_model." + k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")})
-    model = TamingModel(config)
-    check_state_dict(model, state, str(ckpt))
-    model.load_state_dict(state, strict=True)
+    model = model_holding(config, state, str(ckpt))
     save_checkpoint(out, config, model.state_dict(), inputs=(ckpt, project_yaml), force=force)
     return config
