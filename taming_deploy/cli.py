@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -443,7 +444,15 @@ def serve(
     serve_forever(config, host, port, replicas, address, cpus_per_replica, echo=lambda line: typer.echo(line, err=True))
 
 
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (a service manager, a job scheduler, ``kill``) ends the command as Ctrl-C does: through
+    its cleanup, so an output being written is left as it was and its temporary directory removed.
+    Python's default for SIGTERM ends the process on the spot."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # `serve` installs its own after Ray starts
     app(prog_name="taming-deploy")
 
 

@@ -79,3 +79,21 @@ def test_train_with_zero_steps_leaves_nothing(tmp_path):
     proc = run_cli("train", "vqgan", "--config", str(config), "--out", str(tmp_path / "run"), "--steps", "0")
     assert_one_line_error(proc, "train.steps", "0")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_export_removes_its_temporary_bundle(tiny_checkpoint, tmp_path):
+    """SIGTERM halfway through an export: the command exits 143 through its cleanup, leaving no
+    temporary directory, lock or bundle behind."""
+    out = tmp_path / "b"
+    export = [*CLI, "export", str(tiny_checkpoint), "--out", str(out), "--no-fp16", "--calibration-count", "1"]
+    proc = subprocess.Popen(export, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(tmp_path.glob(f".tmp-b-{proc.pid}-*/*.onnx")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the export ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert leftovers(tmp_path) == []
+    assert not out.exists()
