@@ -47,12 +47,12 @@ def describe_bundle(path: Path) -> list[str]:
     lines += describe_spec(m.model)
     for name, by_precision in m.graphs.items():
         for precision, entry in by_precision.items():
-            size = (path / entry.file).stat().st_size / 1e6 if (path / entry.file).exists() else float("nan")
+            size = f"{(path / entry.file).stat().st_size / 1e6:8.1f} MB" if (path / entry.file).exists() else " missing   "
             io = ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in entry.inputs) + " -> " + ", ".join(
                 f"{t.name}:{t.dtype}{list(t.shape)}" for t in entry.outputs
             )
             storage = " (int8 weights)" if entry.weight_storage == "int8" else ""
-            lines.append(f"graph {name:<12} {precision}  {entry.file:<24} {size:8.1f} MB{storage}  {io}")
+            lines.append(f"graph {name:<12} {precision}  {entry.file:<24} {size}{storage}  {io}")
     checks = m.validation.get("checks", [])
     if checks:
         failed = [c for c in checks if not c.get("passed")]

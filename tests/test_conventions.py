@@ -118,3 +118,16 @@ def test_exporter_metadata_is_stripped_everywhere_and_ours_is_kept():
     assert not model.graph.node[0].attribute[0].g.node[0].metadata_props  # inside the subgraph too
     assert before - model.ByteSize() > 8 * 100
     onnx.checker.check_model(model)
+
+
+def test_info_names_a_missing_graph_file(tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_MODEL, bundle)
+    (bundle / "encoder.onnx").unlink()
+    proc = run_cli("info", str(bundle))
+    assert proc.returncode == 0, proc.stderr
+    encoder = next(line for line in proc.stdout.splitlines() if line.startswith("graph encoder"))
+    assert "missing" in encoder and "nan" not in encoder
+    assert "encoder.onnx" not in json.loads(run_cli("info", str(bundle), "--json").stdout)["file_bytes"]
