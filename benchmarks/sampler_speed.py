@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,13 +173,16 @@ class CountingBackend:
     """A backend wrapper adding up the FLOPs of every transformer call as the runtime's transformer
     computes them (benchlib.cached_call_flops: the exported graph and the torch backend run the same
     attention over the past slots and the fed tokens), and the part of them on masked pairs. The
-    ort-prefill prototype's prefills attend over the fed tokens only (K = T)."""
+    ort-prefill prototype's prefills attend over the fed tokens only (K = T). The continuing calls
+    (cached steps) are also counted apart, with their wall time."""
 
     def __init__(self, backend: Backend):
         self.backend, self.name, self.spec = backend, backend.name, backend.spec
         self.positions_per_entry = getattr(backend, "positions_per_entry", False)
         self.flops = 0
         self.masked_flops = 0
+        self.step_flops = 0
+        self.step_seconds = 0.0
 
     def new_cache(self, batch: int):
         return self.backend.new_cache(batch)
@@ -198,7 +202,13 @@ class CountingBackend:
         else:
             self.flops += sum(cached_call_flops(self.spec, t) for _ in range(batch))
             self.masked_flops += sum(cached_call_masked_flops(self.spec, t, int(p)) for p in positions)
-        return self.backend.transformer_step(tokens, position, cache)
+        if not positions.any():
+            return self.backend.transformer_step(tokens, position, cache)
+        started = time.perf_counter()
+        logits = self.backend.transformer_step(tokens, position, cache)
+        self.step_seconds += time.perf_counter() - started
+        self.step_flops += cached_call_flops(self.spec, t) * batch
+        return logits
 
 
 # --- one latent size --------------------------------------------------------------------------------
@@ -261,24 +271,26 @@ def megapixel_image(bundle: str, threads: int | None, order: str, stride: int) -
     """One fast-mode image of MEGAPIXEL latents on ONNX Runtime, decoded; run in a fresh process so
     that its peak RSS is this image's alone (sampler, caches, both graphs, the decoder's activations)."""
     import resource
-    import time
 
     backend = OrtBackend(Path(bundle), threads=threads)
+    counted = CountingBackend(backend)
     cond = random_condition_tokens(backend.spec, MEGAPIXEL, np.random.default_rng(0))
     cpu, wall = time.process_time(), time.perf_counter()
-    tokens, stats = sample_tokens(backend, cond, MEGAPIXEL, GREEDY, TokenStream.for_batch(0, 1), "fast", stride,
+    tokens, stats = sample_tokens(counted, cond, MEGAPIXEL, GREEDY, TokenStream.for_batch(0, 1), "fast", stride,
                                   order=order)  # type: ignore[arg-type]
     sample_cpu, sample_wall = time.process_time() - cpu, time.perf_counter() - wall
     image = backend.decode(tokens)
     return {"sample_cpu": sample_cpu, "sample_wall": sample_wall, "total_cpu": time.process_time() - cpu,
             "total_wall": time.perf_counter() - wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "calls": stats.transformer_calls, "pixels": image.shape[2] * image.shape[3]}
+            "calls": stats.transformer_calls, "pixels": image.shape[2] * image.shape[3],
+            "step_gflops": counted.step_flops / counted.step_seconds / 1e9}
 
 
 def print_megapixel(bundle: Path, threads: int | None, stride: int) -> None:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
+    peak = matmul_peak.measured_gflops("onnxruntime", threads=threads)
     rows = []
     for order in ("wavefront", "sequential"):
         with context.Pool(1) as pool:
@@ -286,11 +298,13 @@ def print_megapixel(bundle: Path, threads: int | None, stride: int) -> None:
         rows.append(r | {"order": order})
         print(f"   ... {MEGAPIXEL[0]}x{MEGAPIXEL[1]} ort fast {order}: {r['total_cpu']:.1f} s CPU", flush=True)
     base = rows[1]["sample_cpu"]
-    print(f"\n{MEGAPIXEL[0]}x{MEGAPIXEL[1]} latents (1280x832 px), ONNX Runtime, fast mode stride {stride}, greedy, decoder included")
+    print(f"\n{MEGAPIXEL[0]}x{MEGAPIXEL[1]} latents (1280x832 px), ONNX Runtime, fast mode stride {stride}, greedy, decoder "
+          f"included; fp32 GEMM peak {peak:.1f} GFLOP/s (wall clock, same threads)")
     print_table([[r["order"], str(r["calls"]), f"{r['sample_cpu']:.1f}", f"{r['sample_wall']:.1f}", f"{r['total_cpu']:.1f}",
-                  f"{r['total_wall']:.1f}", f"{base / r['sample_cpu']:.2f}x", f"{r['peak_rss_mb']:,.0f}"] for r in rows],
+                  f"{r['total_wall']:.1f}", f"{base / r['sample_cpu']:.2f}x", f"{r['step_gflops']:.1f}",
+                  f"{r['step_gflops'] / peak:.0%}", f"{r['peak_rss_mb']:,.0f}"] for r in rows],
                 ["order", "transformer calls", "sample CPU s", "sample wall s", "+decode CPU s", "+decode wall s",
-                 "sampling speedup", "peak RSS MB"])
+                 "sampling speedup", "steps GFLOP/s", "steps of peak", "peak RSS MiB"])
 
 
 # --- output -----------------------------------------------------------------------------------------

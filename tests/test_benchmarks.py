@@ -72,6 +72,9 @@ def test_counted_flops_follow_the_sampler_call_pattern():
     assert counted.flops == linear + 2 * L * 2 * pairs * d + 256 * 2 * d * 512
     masked = 256 * S + 256 * 255 // 2 + sum(S - p for p in range(256, 511))
     assert counted.masked_flops == 2 * L * 2 * masked * d
+    # the cached steps apart (the prefill is not one): 255 calls of one token over S + 1 keys, head on one row
+    assert counted.step_flops == 255 * (benchlib.linear_flops_per_token(spec) + 2 * L * 2 * (S + 1) * d + 2 * d * 512)
+    assert counted.step_seconds > 0
     # a per-entry-position backend's prefill attends over one (masked) past slot and its 256 tokens
     counted.positions_per_entry = True
     counted.flops = counted.masked_flops = 0
