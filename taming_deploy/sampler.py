@@ -61,7 +61,8 @@ def runs(
 
     The token bound keeps a batched prefill's activations small: ONNX Runtime's arena keeps the
     largest call's memory for the life of the session (nine 388-token prefills of a 1280x832 image
-    left 0.9 GB held), while a GEMM of a thousand rows is already as fast per row as a larger one."""
+    run as one call left 0.9 GB held). It costs little time: 48x64 latents in fast mode sampled in
+    8.1 s unbounded, 8.4-8.5 s with budgets of 1024 and 400 tokens."""
     batches: list[list[Call]] = []
     for call in sorted(calls, key=lambda c: (key(c), c.slot)):
         last = batches[-1] if batches else None
