@@ -121,6 +121,9 @@ def sample_tokens(
     def length(call: Call) -> int:
         return prefix_length + call.target if call.cached is None else call.target - call.cached
 
+    def fed(call: Call) -> int:  # tokens the call feeds for all n entries
+        return length(call) * n
+
     per_entry = getattr(backend, "positions_per_entry", False)
 
     def key(call: Call) -> tuple[int, ...]:  # what the calls of one batch share
@@ -139,7 +142,7 @@ def sample_tokens(
     done = 0
     started = time.perf_counter()
     for step in schedule.steps:
-        for batch in runs(step, key, max_slots, lambda c: length(c) * n, CALL_TOKEN_BUDGET):
+        for batch in runs(step, key, max_slots, fed, CALL_TOKEN_BUDGET):
             first, count = batch[0].slot, len(batch)
             positions = np.repeat([position(c) for c in batch], n) if per_entry else position(batch[0])
             logits = backend.transformer_step(np.concatenate([feed(c) for c in batch], axis=0), positions, cache(first, count))
