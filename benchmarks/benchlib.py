@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import yaml
@@ -185,6 +186,8 @@ def note(text: str) -> None:
     print(text, flush=True)
 
 
+T = TypeVar("T")
+
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -203,16 +206,22 @@ def now() -> float:
     return Clock.now()
 
 
-def timed(fn: Callable[[], object]) -> tuple[object, float]:
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
     started = now()
     result = fn()
     return result, now() - started
 
 
+def fastest(run: Callable[[], T], repeat: int) -> tuple[T, float]:
+    """The result and the time of the fastest of ``repeat`` runs."""
+    runs = [timed(run) for _ in range(max(1, repeat))]
+    return min(runs, key=lambda r: r[1])
+
+
 def best_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    return min(timed(fn)[1] for _ in range(repeat))
+    return fastest(fn, repeat)[1]
 
 
 def print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:

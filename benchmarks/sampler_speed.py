@@ -36,16 +36,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
 import matmul_peak
 import prototypes
-from benchlib import (Clock, attention_flops, ModelPaths, add_model_arguments, apply_common_arguments, cached_call_flops, call_flops,
+from benchlib import (Clock, attention_flops, fastest, ModelPaths, add_model_arguments, apply_common_arguments, cached_call_flops, call_flops,
                       cached_call_masked_flops, full_recompute_flops, full_recompute_masked_flops, note, now,
                       parse_latent, prepare_model, print_table, random_condition_tokens, timed)
 from taming_deploy.backends.base import Backend
@@ -55,8 +53,6 @@ from taming_deploy.sampler import SampleStats, sample_tokens
 from taming_deploy.sampling import SamplingOptions, TokenStream
 from taming_deploy.spec import ModelSpec
 from taming_deploy.windows import clamp, window_shape
-
-T = TypeVar("T")
 
 DEFAULT_SIZES = "16x16,24x32,32x32,64x40"
 MODES = ("original", "original-cached", "exact", "fast", "exact-raster", "fast-raster")
@@ -163,12 +159,6 @@ def run_sampler(backend: Backend, cond: np.ndarray, latent: tuple[int, int], mod
     name, _, order = mode.partition("-")
     return sample_tokens(backend, cond, latent, GREEDY, TokenStream.for_batch(0, len(cond)), name, stride,  # type: ignore[arg-type]
                          order="sequential" if order == "raster" else "wavefront")
-
-
-def fastest(run: Callable[[], T], repeat: int) -> tuple[T, float]:
-    """The result and the time of the fastest of ``repeat`` runs."""
-    runs = [timed(run) for _ in range(max(1, repeat))]
-    return min(runs, key=lambda r: r[1])
 
 
 def run_original_cached(gpt, cond: np.ndarray, latent: tuple[int, int], spec: ModelSpec, repeat: int) -> tuple[np.ndarray, float]:
